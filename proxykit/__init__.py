@@ -1,0 +1,37 @@
+"""proxykit: an ASGI reverse proxy for OpenAI-compatible LLM APIs."""
+
+from proxykit.app import create_app
+from proxykit.body import replay
+from proxykit.config import Config, ConfigError, config_from_dict, load_config
+from proxykit.context import RequestContext, ensure_context, get_context
+from proxykit.demo import DemoUpstream
+from proxykit.errors import ProxyError, send_error
+from proxykit.forward import Forwarder
+from proxykit.logs import RequestIdFilter
+from proxykit.middleware.auth import AuthMiddleware
+from proxykit.middleware.request_id import RequestIdMiddleware
+from proxykit.resources import Resources
+from proxykit.transport import AiohttpTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiohttpTransport",
+    "AuthMiddleware",
+    "Config",
+    "ConfigError",
+    "DemoUpstream",
+    "Forwarder",
+    "ProxyError",
+    "RequestContext",
+    "RequestIdFilter",
+    "RequestIdMiddleware",
+    "Resources",
+    "config_from_dict",
+    "create_app",
+    "ensure_context",
+    "get_context",
+    "load_config",
+    "replay",
+    "send_error",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from proxykit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""create_app(): the one place that knows the middleware order, the routes and the lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+
+from proxykit.config import Config, config_from_dict, load_config
+from proxykit.context import ensure_context
+from proxykit.endpoints import Endpoints
+from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound
+from proxykit.forward import Forwarder
+from proxykit.middleware.auth import AuthMiddleware
+from proxykit.middleware.request_id import RequestIdMiddleware
+from proxykit.resources import Resources
+
+logger = logging.getLogger(__name__)
+
+_OPEN_PATHS = ("/health", "/health/ready")  # probes carry no key
+
+
+def create_app(
+    config: Config | dict[str, Any] | str | os.PathLike[str],
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The whole gateway as one ASGI app, with its own lifespan.
+
+        app = create_app("proxykit.yaml")
+        host = Starlette(routes=[Mount("/llm", app=app)], lifespan=app.router.lifespan_context)
+
+    `transport` replaces the upstream transport (tests plug respx in here).
+    """
+    config = _as_config(config)
+    resources = Resources(config, transport=transport)
+    endpoints = Endpoints(resources)
+    middleware = [Middleware(RequestIdMiddleware)]
+    if config.auth.enabled:
+        open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
+        middleware.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
+    routes = [
+        Route("/health", endpoints.health, methods=["GET"]),
+        Route("/health/ready", endpoints.ready, methods=["GET"]),
+        Route("/v1/models", endpoints.models, methods=["GET"]),
+        Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
+        Mount("/v1", app=Forwarder(resources)),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=resources.lifespan,
+        exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.resources = resources
+    return app
+
+
+def _as_config(config: Config | dict[str, Any] | str | os.PathLike[str]) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(Path(config))
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    body = exc.body(ensure_context(request.scope).request_id)
+    return Response(body, exc.status, headers=exc.headers, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return await _proxy_error(request, MethodNotAllowed(f"{request.method} is not allowed here"))
+    return await _proxy_error(request, RouteNotFound(f"no route for {request.url.path}"))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.error("unhandled error", exc_info=exc)  # a bug: the traceback is for us, not the client
+    return await _proxy_error(request, InternalError("proxykit failed on this request"))

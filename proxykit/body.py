@@ -1,0 +1,87 @@
+"""The request body: read once and bounded, parsed once, replayed to each attempt."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import Message, Receive, Scope
+
+from proxykit.context import RequestContext, ensure_context
+from proxykit.errors import InvalidRequest, RequestTooLarge
+
+
+class ClientDisconnected(Exception):
+    """The client left while its request body was still arriving."""
+
+
+async def ensure_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    """The whole request body, read on first use; raises `RequestTooLarge` past `max_bytes`."""
+    ctx = ensure_context(scope)
+    if ctx.body is None:
+        ctx.body = await _read_bounded(scope, receive, max_bytes)
+    return ctx.body
+
+
+async def _read_bounded(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    too_large = RequestTooLarge(f"the request body is larger than the limit of {max_bytes} bytes")
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            # Refuse before reading: a client announcing 1 GB is not made to upload it.
+            if value.isdigit() and int(value) > max_bytes:
+                raise too_large
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:  # a chunked upload has no Content-Length to check up front
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def ensure_payload(scope: Scope, receive: Receive, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object, parsed on first use; raises `InvalidRequest` otherwise."""
+    ctx = ensure_context(scope)
+    if ctx.payload is None:
+        ctx.payload = parse_payload(await ensure_body(scope, receive, max_bytes))
+    return ctx.payload
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise InvalidRequest("the request needs a JSON body with a \"model\" field")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return payload
+
+
+def requested_model(ctx: RequestContext) -> str:
+    model = (ctx.payload or {}).get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("the request body must name a \"model\"")
+    return model
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that yields `body` once, then only what the real `receive` brings next."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay_receive() -> Message:
+        if pending:
+            return pending.pop()
+        while (message := await receive())["type"] == "http.request":
+            pass  # an outer replay's copy of the body: after the body, only a disconnect is news
+        return message
+
+    return replay_receive

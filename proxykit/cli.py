@@ -1,0 +1,171 @@
+"""`proxykit serve` and `proxykit check`. Exit codes: 0 fine, 2 a bad config or bad arguments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from starlette.applications import Starlette
+
+from proxykit.app import create_app
+from proxykit.config import Config, ConfigError, config_from_dict, load_config
+from proxykit.demo import DemoUpstream, demo_config
+from proxykit.logs import configure_logging
+
+logger = logging.getLogger("proxykit")
+
+CONFIG_ENV = "PROXYKIT_CONFIG"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4000
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return check(args.file)
+    return serve(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxykit", description="An ASGI gateway for OpenAI-compatible APIs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the proxy under uvicorn")
+    serve_parser.add_argument("--config", help=f"the YAML config (default: ${CONFIG_ENV})")
+    serve_parser.add_argument("--demo", action="store_true", help="run in front of a built-in demo upstream")
+    serve_parser.add_argument("--host", default=DEFAULT_HOST)
+    serve_parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve_parser.add_argument("--workers", type=int, default=1)
+    serve_parser.add_argument("--log-level", default="info",
+                              choices=["critical", "error", "warning", "info", "debug"])
+    check_parser = commands.add_parser("check", help="validate a config and summarise it")
+    check_parser.add_argument("file")
+    return parser
+
+
+def check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    print(summary(config))
+    return 0
+
+
+def summary(config: Config) -> str:
+    """Models, deployments and key counts; never a key."""
+    deployments = [deployment for model in config.models for deployment in model.deployments]
+    keys = sum(len(deployment.api_keys) for deployment in deployments)
+    lines = [
+        f"config OK: {len(config.models)} models, {len(deployments)} deployments, {keys} upstream keys, "
+        f"{len(config.auth.keys)} client keys (auth {'on' if config.auth.enabled else 'off'})",
+    ]
+    for model in config.models:
+        lines.append(f"  model {model.name}" + (f" (fallbacks: {', '.join(model.fallbacks)})" if model.fallbacks else ""))
+        for deployment in model.deployments:
+            count = sum(1 for key in deployment.api_keys if key.secret)
+            source = " from a file" if deployment.keys_file else ""
+            lines.append(
+                f"    deployment {deployment.name}: {_without_userinfo(deployment.base_url)} "
+                f"model={deployment.model}, {count} keys{source}"
+            )
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    if args.demo:
+        asyncio.run(_serve_demo(args.host, args.port, args.log_level))
+        return 0
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path:
+        print(f"proxykit: give --config FILE or set {CONFIG_ENV} (or try --demo)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 2
+    warn_if_open(config, args.host)
+    if args.workers > 1:
+        # Each worker process builds its own app from the same file.
+        os.environ[CONFIG_ENV] = os.path.abspath(path)
+        uvicorn.run(
+            "proxykit.cli:app_from_environment", factory=True, host=args.host, port=args.port,
+            workers=args.workers, log_level=args.log_level, access_log=False,
+        )
+        return 0
+    server = uvicorn.Server(_uvicorn_config(create_app(config), args.host, args.port, args.log_level))
+    server.run()
+    return 0
+
+
+def app_from_environment() -> Starlette:
+    """The app of one `--workers N` process, from the config file named by $PROXYKIT_CONFIG."""
+    configure_logging(os.environ.get("PROXYKIT_LOG_LEVEL", "info"))
+    return create_app(os.environ[CONFIG_ENV])
+
+
+def warn_if_open(config: Config, host: str) -> bool:
+    """Warn when a proxy without auth listens beyond this machine; True when it warned."""
+    if config.auth.enabled or _is_loopback(host):
+        return False
+    logger.warning(
+        "auth is off and proxykit listens on %s: anyone who reaches this port spends your upstream keys", host
+    )
+    return True
+
+
+async def _serve_demo(host: str, port: int, log_level: str) -> None:
+    # The demo upstream listens on a free loopback port, in this same process and event loop.
+    upstream_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    upstream_socket.bind(("127.0.0.1", 0))
+    upstream_port = upstream_socket.getsockname()[1]
+    config = config_from_dict(demo_config(f"http://127.0.0.1:{upstream_port}/v1"))
+    upstream = uvicorn.Server(uvicorn.Config(DemoUpstream(), log_level="warning", access_log=False, lifespan="off"))
+    proxy = uvicorn.Server(_uvicorn_config(create_app(config), host, port, log_level))
+    url = f"http://{host}:{port}"
+    print(
+        f"proxykit demo: models {', '.join(model.name for model in config.models)} at {url}/v1 (auth off)\n"
+        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
+        "-d '{\"model\": \"demo-chat\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
+        flush=True,
+    )
+    upstream_task = asyncio.create_task(upstream.serve(sockets=[upstream_socket]))
+    try:
+        await proxy.serve()
+    finally:
+        upstream.should_exit = True
+        await upstream_task
+
+
+def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvicorn.Config:
+    # proxykit writes its own access line (with model, client and key alias), so uvicorn's is off.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def _print_problems(path: str, exc: ConfigError) -> None:
+    print(f"proxykit: {path} is not a valid config:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _without_userinfo(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//", url)

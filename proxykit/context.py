@@ -1,0 +1,69 @@
+"""Per-request state, shared by every layer through the ASGI scope.
+
+    ctx = ensure_context(scope)   # in a middleware
+    ctx = get_context(request.scope)   # in a host app's endpoint
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from starlette.types import Scope
+
+SCOPE_KEY: Final = "proxykit.context"
+_VALID_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    body: bytes | None = None  # read once, bounded by max_body_bytes; replayed per attempt
+    payload: dict[str, Any] | None = None  # the body parsed as a JSON object
+    model: str = "unknown"  # the configured model name once resolved: a safe metrics label
+    client: str = "anonymous"  # the configured client key *name*; the secret never lands here
+    allowed_models: tuple[str, ...] | None = None  # the client's allow-list (globs); None allows all
+    deployment: str | None = None
+    key_alias: str | None = None  # the upstream key's alias, never the key
+    attempt: int = 0
+    outcome: str | None = None  # "ok", "http_429", "connect_error", ... as in the metrics contract
+    attempts: list[str] | None = None  # "alias:outcome" per upstream attempt
+    status: int | None = None  # the status sent to the client
+    started: float = field(default_factory=time.perf_counter)
+    ttfb: float | None = None  # seconds from `started` to the upstream's headers
+    finished: bool = False  # the whole response went out
+    disconnected: bool = False
+
+    def record_attempt(self, outcome: str) -> None:
+        self.outcome = outcome
+        entry = f"{self.key_alias or '-'}:{outcome}"
+        if self.attempts is None:
+            self.attempts = [entry]
+        else:
+            self.attempts.append(entry)
+
+
+def ensure_context(scope: Scope) -> RequestContext:
+    ctx: RequestContext | None = scope.get(SCOPE_KEY)
+    if ctx is None:
+        ctx = scope[SCOPE_KEY] = RequestContext(request_id=_incoming_or_new_id(scope))
+    return ctx
+
+
+def get_context(scope: Scope) -> RequestContext | None:
+    """The proxykit context of a request, for host endpoints; None outside proxykit."""
+    return scope.get(SCOPE_KEY)
+
+
+def _incoming_or_new_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            # Only a short, plain token is trusted: it lands in logs and upstream headers.
+            text = value.decode("latin-1")
+            if _VALID_REQUEST_ID.match(text):
+                return text
+            break
+    return uuid.uuid4().hex

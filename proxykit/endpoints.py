@@ -1,0 +1,64 @@
+"""proxykit's own routes: liveness, readiness and the model list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from proxykit.config import ModelConfig
+from proxykit.context import ensure_context
+from proxykit.errors import ModelNotFound
+from proxykit.resources import Resources
+from proxykit.routing import is_model_allowed
+
+
+class Endpoints:
+    """Starlette endpoints bound to one app's resources.
+
+        Route("/health", Endpoints(resources).health)
+    """
+
+    def __init__(self, resources: Resources) -> None:
+        self.resources = resources
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        models: dict[str, Any] = {}
+        ready = True
+        for model in self.resources.config.models:
+            deployments = {
+                deployment.name: {"available": len(deployment.api_keys), "resting": 0, "set_aside": 0}
+                for deployment in model.deployments
+            }
+            usable = any(counts["available"] for counts in deployments.values())
+            ready = ready and usable
+            models[model.name] = {"ready": usable, "deployments": deployments}
+        return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
+                            status_code=200 if ready else 503)
+
+    async def models(self, request: Request) -> Response:
+        allowed = ensure_context(request.scope).allowed_models
+        data = [
+            _model_object(model) for model in self.resources.config.models
+            if is_model_allowed(model.name, allowed)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        model = self.resources.config.model(name)
+        if model is None or not is_model_allowed(name, ensure_context(request.scope).allowed_models):
+            raise ModelNotFound(f"the model {name!r} does not exist")
+        return JSONResponse(_model_object(model))
+
+
+def _model_object(model: ModelConfig) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": model.name, "object": "model", "created": 0, "owned_by": "proxykit"}
+    limits = [deployment.max_tokens for deployment in model.deployments if deployment.max_tokens]
+    if limits:
+        entry["max_tokens"] = min(limits)  # what every deployment can honour
+    return entry

@@ -1,0 +1,123 @@
+"""Errors proxykit itself answers with, all OpenAI-shaped (CONTRACT section 5).
+
+ProxyError
+ ├── InvalidRequest            400 invalid_request
+ ├── InvalidApiKey             401 invalid_api_key
+ ├── ModelNotAllowed           403 model_not_allowed
+ ├── ModelNotFound             404 model_not_found
+ ├── RouteNotFound             404 not_found
+ ├── MethodNotAllowed          405 method_not_allowed
+ ├── RequestTooLarge           413 request_too_large
+ ├── RateLimitExceeded         429 rate_limit_exceeded
+ ├── InternalError             500 internal_error
+ ├── UpstreamError             502 upstream_error
+ ├── NoUpstreamAvailable       503 no_upstream_available
+ └── UpstreamTimeout           504 upstream_timeout
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import ClassVar, Final
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from proxykit.context import ensure_context
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+    outcome: ClassVar[str | None] = None  # the upstream attempt outcome it stands for, if any
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)  # client-safe: no key, no upstream URL, no body
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def body(self, request_id: str) -> bytes:
+        error = {"message": self.message, "type": self.error_type, "code": self.code, "request_id": request_id}
+        return json.dumps({"error": error}).encode()
+
+
+class InvalidRequest(ProxyError):
+    status, error_type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class InvalidApiKey(ProxyError):
+    status, error_type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    status, error_type, code = 403, "permission_error", "model_not_allowed"
+
+
+class ModelNotFound(ProxyError):
+    status, error_type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RouteNotFound(ProxyError):
+    status, error_type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status, error_type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RequestTooLarge(ProxyError):
+    status, error_type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class RateLimitExceeded(ProxyError):
+    status, error_type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class InternalError(ProxyError):
+    status, error_type, code = 500, "server_error", "internal_error"
+
+
+class UpstreamError(ProxyError):
+    status, error_type, code, outcome = 502, "upstream_error", "upstream_error", "connect_error"
+
+
+class NoUpstreamAvailable(ProxyError):
+    status, error_type, code = 503, "service_unavailable", "no_upstream_available"
+
+
+class UpstreamTimeout(ProxyError):
+    status, error_type, code, outcome = 504, "timeout_error", "upstream_timeout", "timeout"
+
+
+# Every httpx error an upstream call can raise, decided once. The first matching row wins,
+# so subclasses come before their bases (ConnectTimeout is a TimeoutException).
+HTTPX_ERRORS: Final[tuple[tuple[type[httpx.HTTPError], type[ProxyError], str], ...]] = (
+    (httpx.ConnectTimeout, UpstreamError, "the upstream could not be reached in time"),
+    (httpx.ConnectError, UpstreamError, "the upstream could not be reached"),
+    (httpx.TimeoutException, UpstreamTimeout, "the upstream did not answer in time"),
+    (httpx.RemoteProtocolError, UpstreamError, "the upstream broke the connection"),
+    (httpx.TransportError, UpstreamError, "the upstream connection failed"),
+    (httpx.HTTPError, UpstreamError, "the upstream request failed"),
+)
+
+
+def map_httpx_error(exc: httpx.HTTPError) -> ProxyError:
+    for httpx_class, error_class, message in HTTPX_ERRORS:
+        if isinstance(exc, httpx_class):
+            return error_class(message)
+    raise AssertionError("unreachable: httpx.HTTPError is the last row")  # pragma: no cover
+
+
+async def send_error(exc: ProxyError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a request with `exc` as an OpenAI-shaped JSON error."""
+    ctx = ensure_context(scope)
+    body = exc.body(ctx.request_id)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in exc.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,166 @@
+"""The streaming forwarding endpoint, and the only module that calls httpx."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Final
+
+import anyio
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from proxykit._utils import collapse_excgroups, route_path
+from proxykit.body import ClientDisconnected, ensure_payload, requested_model
+from proxykit.config import Deployment, UpstreamKey
+from proxykit.context import RequestContext, ensure_context
+from proxykit.errors import ProxyError, UpstreamError, map_httpx_error, send_error
+from proxykit.headers import downstream_headers, upstream_headers
+from proxykit.resources import Resources
+from proxykit.routing import resolve_model
+
+logger = logging.getLogger(__name__)
+
+_EVENT_STREAM: Final = b"text/event-stream"
+
+
+class Forwarder:
+    """Sends each `/v1/...` request to the upstream picked for it and streams the answer back.
+
+        Mount("/v1", app=Forwarder(resources))
+
+    Without a key-rotation layer in front, it takes the model's upstream keys in turn.
+    """
+
+    def __init__(self, resources: Resources) -> None:
+        self.resources = resources
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await self.resources.ensure_open()
+        ctx = ensure_context(scope)
+        try:
+            request = await self._upstream_request(scope, receive, ctx)
+        except ClientDisconnected:
+            ctx.disconnected = True
+            return
+        except ProxyError as exc:
+            await send_error(exc, scope, receive, send)
+            return
+        await self._forward(request, ctx, scope, receive, send)
+
+    async def _upstream_request(self, scope: Scope, receive: Receive, ctx: RequestContext) -> httpx.Request:
+        config = self.resources.config
+        payload = await ensure_payload(scope, receive, config.limits.max_body_bytes)
+        model = resolve_model(config, requested_model(ctx), ctx.allowed_models)
+        ctx.model = model.name
+        deployment, key = self._route(ctx, model.name)
+        body = ctx.body or b""
+        if deployment.model != model.name:
+            body = json.dumps({**payload, "model": deployment.model}).encode()
+        headers = upstream_headers(scope["headers"])
+        headers.append(("x-request-id", ctx.request_id))
+        if key.secret:
+            headers.append(("authorization", f"Bearer {key.secret}"))
+        # The deployment's base_url ends in the API version (…/v1), as OpenAI SDK base URLs do.
+        url = deployment.base_url + route_path(scope)
+        if query := scope.get("query_string"):
+            url = f"{url}?{query.decode('latin-1')}"
+        return httpx.Request(scope["method"], url, headers=headers, content=body)
+
+    def _route(self, ctx: RequestContext, model: str) -> tuple[Deployment, UpstreamKey]:
+        pool = self.resources.keys
+        if ctx.deployment is None or ctx.key_alias is None:
+            deployment, key = pool.next_route(model)
+            ctx.deployment, ctx.key_alias = deployment.name, key.alias
+            return deployment, key
+        deployment = pool.deployment(ctx.deployment)  # chosen by a key-rotation layer
+        key = next(key for key in deployment.api_keys if key.alias == ctx.key_alias)
+        return deployment, key
+
+    async def _forward(
+        self, request: httpx.Request, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        error: ProxyError | None = None
+        with collapse_excgroups():
+            async with anyio.create_task_group() as tg:
+                # Watch from before the upstream call, so a client who leaves during a long wait
+                # for the first byte cancels that wait too.
+                tg.start_soon(_watch_disconnect, receive, ctx, tg.cancel_scope)
+                try:
+                    response = await self._open(request, ctx)
+                except ProxyError as exc:
+                    error = exc
+                else:
+                    try:
+                        await self._relay(response, ctx, send)
+                    finally:
+                        await response.aclose()
+                tg.cancel_scope.cancel()  # done: stop the watcher
+        if error is not None and not ctx.disconnected:
+            ctx.record_attempt(error.outcome or "connect_error")
+            await send_error(error, scope, receive, send)
+
+    async def _open(self, request: httpx.Request, ctx: RequestContext) -> httpx.Response:
+        try:
+            with anyio.fail_after(self.resources.config.timeouts.first_byte):
+                response = await self.resources.client.send(request, stream=True)
+        except TimeoutError:
+            raise map_httpx_error(httpx.ReadTimeout("no first byte in time")) from None
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc) from None
+        ctx.ttfb = time.perf_counter() - ctx.started
+        ctx.record_attempt(_outcome(response.status_code))
+        return response
+
+    async def _relay(self, response: httpx.Response, ctx: RequestContext, send: Send) -> None:
+        raw_headers = response.headers.raw
+        headers = downstream_headers(raw_headers, keep_length=True)
+        is_event_stream = response.headers.get("content-type", "").encode().startswith(_EVENT_STREAM)
+        ctx.status = response.status_code
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        ended_cleanly = True  # whether the last chunk closed its event, for the error event below
+        try:
+            async for chunk in response.aiter_raw():  # raw bytes: no decoding, no re-chunking
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                ended_cleanly = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
+        except httpx.HTTPError as exc:
+            await self._break_off(map_httpx_error(exc), ctx, send, is_event_stream, ended_cleanly)
+            return
+        ctx.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _break_off(
+        self, error: ProxyError, ctx: RequestContext, send: Send, is_event_stream: bool, ended_cleanly: bool
+    ) -> None:
+        """The upstream failed after the response started: the status is gone, so say it in the body
+        (SDKs raise on an error event) and end without the final message. The server then closes
+        the connection, and a cut stream can never look complete."""
+        ctx.outcome = error.outcome
+        logger.warning("upstream response broke off after it started: %s", error.message)
+        if is_event_stream:
+            broken = UpstreamError(f"the upstream stream broke off: {error.message}")
+            prefix = b"" if ended_cleanly else b"\n\n"
+            event = prefix + b"data: " + broken.body(ctx.request_id) + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+
+
+async def _watch_disconnect(receive: Receive, ctx: RequestContext, scope: anyio.CancelScope) -> None:
+    message: Message = await receive()
+    while message["type"] != "http.disconnect":
+        message = await receive()  # an outer replay's copy of the body
+    # uvicorn's send() is a silent no-op once the client is gone: this is the only signal. After
+    # a complete response, servers report a disconnect too; that one is no news.
+    if not ctx.finished:
+        ctx.disconnected = True
+        scope.cancel()
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status == 429:
+        return "http_429"
+    return "http_4xx" if status < 500 else "http_5xx"

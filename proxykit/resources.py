@@ -1,0 +1,93 @@
+"""What one proxykit app owns for its lifetime: the upstream HTTP client and the key pool."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import anyio
+import httpx
+
+from proxykit.config import Config
+from proxykit.keys import KeyPool
+from proxykit.transport import AiohttpTransport
+
+logger = logging.getLogger(__name__)
+
+
+class ResourceState(enum.Enum):
+    UNOPENED = 1
+    OPENED = 2
+    CLOSED = 3
+
+
+class Resources:
+    """Opened by the app's lifespan, or lazily by the first request when a host app mounts proxykit
+    without wiring that lifespan (Starlette does not run a mounted app's lifespan, starlette #649).
+
+        resources = Resources(config)
+        async with resources.lifespan(app): ...
+    """
+
+    def __init__(self, config: Config, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.keys = KeyPool(config)
+        self.state = ResourceState.UNOPENED
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._open_lock: anyio.Lock | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "Resources.open() must run first"
+        return self._client
+
+    async def open(self) -> None:
+        if self.state is ResourceState.OPENED:
+            return
+        timeouts = self.config.timeouts
+        self._client = httpx.AsyncClient(
+            transport=self._transport or AiohttpTransport(max_connections=4096),
+            # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the
+            # longest silence between two chunks; the first-byte deadline is the forwarder's.
+            timeout=httpx.Timeout(
+                connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
+            ),
+            follow_redirects=False,
+            # One client serves every user: a jar that stored cookies would hand one user's to another.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+            trust_env=False,
+        )
+        self.state = ResourceState.OPENED
+
+    async def ensure_open(self) -> None:
+        """Open on first use when no lifespan did; cheap once opened."""
+        if self.state is ResourceState.OPENED:
+            return
+        if self._open_lock is None:
+            self._open_lock = anyio.Lock()
+        async with self._open_lock:
+            if self.state is not ResourceState.OPENED:
+                logger.warning(
+                    "proxykit resources opened by the first request: the host app does not run "
+                    "proxykit's lifespan (pass lifespan=proxy_app.router.lifespan_context)"
+                )
+                await self.open()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self.state = ResourceState.CLOSED
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        await self.open()
+        try:
+            yield
+        finally:
+            await self.aclose()
