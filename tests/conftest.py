@@ -1,0 +1,111 @@
+"""Shared fixtures: real uvicorn servers on 127.0.0.1, respx upstreams, and config builders."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import respx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.types import ASGIApp
+
+from proxykit import create_app
+
+UPSTREAM_KEYS = ["sk-upstream-secret-0000", "sk-upstream-secret-1111"]
+CLIENT_KEY = "pk-client-secret-aaaa"
+OTHER_CLIENT_KEY = "pk-client-secret-bbbb"
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+ServeApp = Callable[[ASGIApp], AbstractAsyncContextManager[str]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_config(base_url: str = "http://upstream.test/v1", **overrides: Any) -> dict[str, Any]:
+    """One model `chat` (upstream id `upstream-chat`) with two keys, plus any top-level overrides."""
+    config: dict[str, Any] = {
+        "models": [{
+            "name": "chat",
+            "deployments": [{"base_url": base_url, "model": "upstream-chat", "api_keys": list(UPSTREAM_KEYS)}],
+        }],
+    }
+    config.update(overrides)
+    return config
+
+
+def with_auth(config: dict[str, Any]) -> dict[str, Any]:
+    config["auth"] = {"keys": [
+        {"name": "team-a", "key": CLIENT_KEY},
+        {"name": "team-b", "key": OTHER_CLIENT_KEY, "models": ["other-*"]},
+    ]}
+    return config
+
+
+def streamed(status: int, *chunks: bytes, **kwargs: Any) -> httpx.Response:
+    """A respx response whose body arrives chunk by chunk (Response(json=...) is pre-read)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    return httpx.Response(status, content=body(), **kwargs)
+
+
+@asynccontextmanager
+async def serve(app: ASGIApp, *, lifespan: str = "auto") -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn server on a free 127.0.0.1 port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            with anyio.fail_after(10):
+                while not server.started:
+                    await anyio.sleep(0.01)
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+
+
+@asynccontextmanager
+async def proxy_in_front_of(upstream: ASGIApp, **overrides: Any) -> AsyncIterator[str]:
+    """A real upstream server and a real proxy server in front of it; yields the proxy's URL."""
+    async with serve(upstream, lifespan="off") as upstream_url:
+        config = make_config(f"{upstream_url}/v1", **overrides)
+        async with serve(create_app(config)) as proxy_url:
+            yield proxy_url
+
+
+@asynccontextmanager
+async def in_process(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client that calls `app` in process, with the app's lifespan run around it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as client:
+            yield client
+
+
+@asynccontextmanager
+async def respx_proxy(config: dict[str, Any]) -> AsyncIterator[tuple[respx.MockRouter, httpx.AsyncClient]]:
+    """The proxy in process, its upstream a respx router; every route must be called."""
+    # No `with router`: that would patch httpx globally. The router is only this app's transport.
+    router = respx.MockRouter(assert_all_called=True, base_url="http://upstream.test/v1", using=None)
+    app = create_app(config, transport=httpx.MockTransport(router.async_handler))
+    async with in_process(app) as client:
+        yield router, client
+    router.assert_all_called()

@@ -1,0 +1,175 @@
+"""load_config(): YAML into typed frozen dataclasses, every problem named by its field path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from proxykit import ConfigError, config_from_dict, load_config
+
+FULL = """
+auth:
+  keys:
+    - name: team-a
+      key: ${TEAM_A_KEY}
+      rpm: 600
+      models: ["deepseek-ai/*", "gemini-2.5-flash"]
+models:
+  - name: deepseek-ai/DeepSeek-V3
+    deployments:
+      - base_url: https://upstream.example/v1/
+        name: siliconflow
+        api_keys: ${PROVIDER_KEYS}
+        rpm: 1000
+        max_tokens: 8192
+      - base_url: https://other.example/v1
+        model: deepseek-v3
+        api_keys: file:keys.txt
+    fallbacks: [gemini-2.5-flash]
+    pricing: {input_per_1m: 0.27, output_per_1m: 1.10}
+  - name: gemini-2.5-flash
+    deployments:
+      - base_url: https://gemini.example/v1
+        api_keys:
+          - {name: primary, key: g-key-1}
+          - g-key-2
+routing: {strategy: round-robin}
+timeouts: {first_byte: 30}
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "keys.txt").write_text("# pool of keys\nfile-key-1\n\nfile-key-2\nfile-key-3\n")
+    path = tmp_path / "proxykit.yaml"
+    path.write_text(FULL)
+    monkeypatch.setenv("TEAM_A_KEY", "team-a-secret")
+    monkeypatch.setenv("PROVIDER_KEYS", "env-key-1, env-key-2")
+    return path
+
+
+def test_full_config_is_read_into_typed_values(config_file: Path) -> None:
+    config = load_config(config_file)
+    deepseek, gemini = config.models
+    first, second = deepseek.deployments
+    assert first.name == "siliconflow"
+    assert first.base_url == "https://upstream.example/v1"
+    assert first.model == "deepseek-ai/DeepSeek-V3"
+    assert [key.secret for key in first.api_keys] == ["env-key-1", "env-key-2"]
+    assert [key.alias for key in first.api_keys] == ["siliconflow#0", "siliconflow#1"]
+    assert (first.rpm, first.max_tokens, first.weight) == (1000, 8192, 1.0)
+    assert second.name == "deepseek-ai/DeepSeek-V3@1"
+    assert second.model == "deepseek-v3"
+    assert [key.secret for key in second.api_keys] == ["file-key-1", "file-key-2", "file-key-3"]
+    assert second.keys_file == str(config_file.parent / "keys.txt")
+    assert [key.alias for key in gemini.deployments[0].api_keys] == ["primary", "gemini-2.5-flash#1"]
+    assert deepseek.fallbacks == ("gemini-2.5-flash",)
+    assert deepseek.pricing is not None and deepseek.pricing.output_per_1m == 1.10
+    assert config.auth.keys[0].key == "team-a-secret"
+    assert config.auth.keys[0].models == ("deepseek-ai/*", "gemini-2.5-flash")
+    assert config.routing.strategy == "round-robin"
+    assert (config.timeouts.first_byte, config.timeouts.connect, config.timeouts.read) == (30.0, 5.0, 300.0)
+
+
+def test_defaults_match_the_contract() -> None:
+    config = config_from_dict({"models": [{"name": "m", "deployments": [{"base_url": "http://x/v1"}]}]})
+    assert not config.auth.enabled
+    assert config.routing.strategy == "usage-based"
+    assert config.retry.attempts == 3
+    assert config.retry.retry_on == (429, 500, 502, 503, 504, "connect_error", "timeout")
+    assert (config.cooldown.on_429, config.cooldown.on_auth_error) == (60.0, 3600.0)
+    assert (config.limits.max_body_bytes, config.limits.backend) == (20_000_000, "memory")
+    assert config.metrics.path == "/metrics" and config.metrics.enabled
+
+
+def test_values_are_frozen_and_secrets_stay_out_of_repr(config_file: Path) -> None:
+    config = load_config(config_file)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.models[0].name = "other"  # type: ignore[misc]
+    text = repr(config)
+    for secret in ("team-a-secret", "env-key-1", "file-key-2", "g-key-1"):
+        assert secret not in text
+
+
+def test_every_problem_is_reported_with_its_field_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("""
+models:
+  - name: a
+    deployments:
+      - base_url: ftp://nope
+        api_keys: []
+        rpm: -1
+    fallbacks: [ghost]
+  - name: b
+    deployments: []
+  - deployments: [{base_url: "http://x/v1"}]
+routing: {strategy: fastest}
+retry: {attempts: many, retry_on: [200]}
+limits: {backend: etcd}
+timeouts: {first_byt: 10}
+""")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = "\n".join(caught.value.problems)
+    for expected in (
+        "models[0].deployments[0].base_url: must be an http:// or https:// URL",
+        "models[0].deployments[0].api_keys: holds no keys",
+        "models[0].deployments[0].rpm: must be at least 1",
+        "models[0].fallbacks: names unknown model 'ghost'",
+        "models[1].deployments: must be a non-empty list",
+        "models[2].name: is required",
+        "routing.strategy: must be one of",
+        "retry.attempts: must be a number",
+        "retry.retry_on:",
+        "limits.backend: must be one of",
+        "timeouts.first_byt: unknown field",
+    ):
+        assert expected in problems
+
+
+def test_missing_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    data = {"models": [{"name": "m", "deployments": [{"base_url": "http://x/v1", "api_keys": "${NOT_SET_ANYWHERE}"}]}]}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    assert "models[0].deployments[0].api_keys: environment variable NOT_SET_ANYWHERE is not set" in caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        pytest.param("", "config: is empty", id="empty"),
+        pytest.param("- a\n- b\n", "config: must be a mapping", id="a-list"),
+        pytest.param("models: [\n", "not valid YAML at line", id="broken-yaml"),
+    ],
+)
+def test_unusable_files_are_config_errors(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert problem in str(caught.value)
+
+
+def test_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
+    data = {"models": [{"name": "m", "deployments": [{"base_url": "http://x/v1", "api_keys": "file:nope.txt"}]}]}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data, base_dir=tmp_path)
+    assert "models[0].deployments[0].api_keys: cannot read key file" in str(caught.value)
+
+
+def test_duplicate_names_are_refused() -> None:
+    deployment = {"base_url": "http://x/v1", "name": "same"}
+    data = {"models": [{"name": "m", "deployments": [deployment]}, {"name": "m", "deployments": [deployment]}],
+            "auth": {"keys": [{"name": "a", "key": "k"}, {"name": "a", "key": "k"}]}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    problems = "\n".join(caught.value.problems)
+    assert "models[1].name: model 'm' is defined twice" in problems
+    assert "deployment name 'same' is used twice" in problems
+    assert "auth.keys: key names must be unique" in problems
+    assert "two clients share the same key" in problems
+    assert "'k'" not in problems  # the duplicated key itself is never printed

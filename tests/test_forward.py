@@ -1,0 +1,188 @@
+"""The forwarding endpoint against a respx upstream: what goes up, what comes back."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import CHAT, UPSTREAM_KEYS, make_config, respx_proxy, streamed
+
+pytestmark = pytest.mark.anyio
+
+UPSTREAM_BODY = (
+    b'{"id":"x","choices":[{"message":{"role":"assistant","content":"ok","reasoning_content":"hm",'
+    b'"tool_calls":[]}}],"usage":{"prompt_tokens":1},"field_nobody_knows":[1,2]}'
+)
+
+
+async def test_request_goes_upstream_with_upstream_model_and_key() -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(return_value=streamed(200, UPSTREAM_BODY))
+        response = await client.post(
+            "/v1/chat/completions?api-version=2", json=CHAT,
+            headers={"authorization": "Bearer client-credential", "x-api-key": "client-credential",
+                     "connection": "keep-alive, x-hop", "x-hop": "1", "keep-alive": "timeout=5",
+                     "x-custom": "kept", "openai-organization": "org-1"},
+        )
+    assert response.status_code == 200
+    sent = route.calls.last.request
+    assert sent.url == "http://upstream.test/v1/chat/completions?api-version=2"
+    assert json.loads(sent.content) == {**CHAT, "model": "upstream-chat"}
+    assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEYS[0]}"
+    assert "client-credential" not in str(sent.headers.raw)
+    for hop in ("x-hop", "keep-alive", "connection"):
+        assert hop not in sent.headers
+    assert sent.headers["x-custom"] == "kept"
+    assert sent.headers["openai-organization"] == "org-1"
+
+
+async def test_body_is_sent_unchanged_when_model_ids_match() -> None:
+    config = make_config()
+    config["models"][0]["deployments"][0]["model"] = "chat"
+    raw = b'{"model": "chat",   "messages": [], "extra": {"keep": "spacing"}}'
+    async with respx_proxy(config) as (router, client):
+        route = router.post("/chat/completions").mock(return_value=streamed(200, b"{}"))
+        await client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert route.calls.last.request.content == raw
+
+
+async def test_upstream_answer_reaches_client_byte_for_byte() -> None:
+    upstream_headers = {
+        "content-type": "application/json", "x-ratelimit-remaining-requests": "41",
+        "x-request-id": "upstream-id-7", "server": "upstream-server", "x-weird": "yes",
+    }
+    async with respx_proxy(make_config()) as (router, client):
+        router.post("/chat/completions").mock(
+            return_value=streamed(201, UPSTREAM_BODY[:20], UPSTREAM_BODY[20:], headers=upstream_headers)
+        )
+        response = await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "client-id-1"})
+    assert response.status_code == 201
+    assert response.content == UPSTREAM_BODY
+    assert response.headers["x-ratelimit-remaining-requests"] == "41"
+    assert response.headers["x-weird"] == "yes"
+    assert response.headers["x-request-id"] == "client-id-1"
+    assert response.headers["x-upstream-request-id"] == "upstream-id-7"
+    assert "upstream-server" not in response.headers.get_list("server")
+    assert response.headers["x-proxykit-attempts"] == "chat#0:ok"
+
+
+async def test_request_id_is_made_and_sent_upstream_when_client_has_none() -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(return_value=streamed(200, b"{}"))
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    request_id = response.headers["x-request-id"]
+    assert len(request_id) == 32
+    assert route.calls.last.request.headers["x-request-id"] == request_id
+
+
+@pytest.mark.parametrize("status", [400, 422, 500])
+async def test_upstream_error_passes_through_as_it_came(status: int) -> None:
+    error = b'{"error":{"message":"prompt too long","type":"invalid_request_error"}}'
+    async with respx_proxy(make_config()) as (router, client):
+        router.post("/chat/completions").mock(return_value=streamed(status, error))
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == status
+    assert response.content == error
+
+
+async def test_keys_are_taken_in_turn() -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/embeddings").mock(side_effect=lambda request: streamed(200, b"{}"))
+        for _ in range(4):
+            await client.post("/v1/embeddings", json={"model": "chat", "input": "x"})
+    used = [call.request.headers["authorization"] for call in route.calls]
+    assert used == [f"Bearer {key}" for key in UPSTREAM_KEYS * 2]
+
+
+async def test_deployments_alternate_and_each_gets_its_own_model_id() -> None:
+    config = make_config()
+    config["models"][0]["deployments"].append(
+        {"base_url": "http://upstream.test/v1/second", "model": "second-model", "api_keys": "sk-second-key"}
+    )
+    async with respx_proxy(config) as (router, client):
+        first = router.post("/chat/completions").mock(return_value=streamed(200, b"{}"))
+        second = router.post("/second/chat/completions").mock(return_value=streamed(200, b"{}"))
+        responses = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(2)]
+    assert json.loads(first.calls.last.request.content)["model"] == "upstream-chat"
+    assert json.loads(second.calls.last.request.content)["model"] == "second-model"
+    assert [r.headers["x-proxykit-attempts"] for r in responses] == ["chat@0#0:ok", "chat@1#0:ok"]
+
+
+async def test_keyless_deployment_sends_no_authorization() -> None:
+    config = make_config()
+    del config["models"][0]["deployments"][0]["api_keys"]
+    async with respx_proxy(config) as (router, client):
+        route = router.post("/chat/completions").mock(return_value=streamed(200, b"{}"))
+        await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer mine"})
+    assert "authorization" not in route.calls.last.request.headers
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        pytest.param(b"{not json", 400, "invalid_request", id="not-json"),
+        pytest.param(b"[1, 2]", 400, "invalid_request", id="not-an-object"),
+        pytest.param(b'{"messages": []}', 400, "invalid_request", id="no-model"),
+        pytest.param(b'{"model": 42}', 400, "invalid_request", id="model-not-a-string"),
+        pytest.param(b"", 400, "invalid_request", id="empty"),
+        pytest.param(b'{"model": "nope"}', 404, "model_not_found", id="unknown-model"),
+    ],
+)
+async def test_bad_requests_get_openai_shaped_errors(body: bytes, status: int, code: str) -> None:
+    async with respx_proxy(make_config()) as (_, client):
+        response = await client.post("/v1/chat/completions", content=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert error["message"] and error["type"]
+
+
+async def test_body_over_the_limit_is_refused_by_content_length() -> None:
+    async with respx_proxy(make_config(limits={"max_body_bytes": 100})) as (_, client):
+        response = await client.post("/v1/chat/completions", json={**CHAT, "pad": "x" * 200})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_chunked_body_over_the_limit_is_refused_while_reading() -> None:
+    async def chunks() -> httpx.AsyncByteStream:  # type: ignore[misc]
+        for _ in range(10):
+            yield b"x" * 50
+
+    async with respx_proxy(make_config(limits={"max_body_bytes": 100})) as (_, client):
+        response = await client.post("/v1/chat/completions", content=chunks())
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code", "outcome"),
+    [
+        pytest.param(httpx.ConnectError("refused"), 502, "upstream_error", "connect_error", id="connect"),
+        pytest.param(httpx.ConnectTimeout("slow"), 502, "upstream_error", "connect_error", id="connect-timeout"),
+        pytest.param(httpx.ReadTimeout("slow"), 504, "upstream_timeout", "timeout", id="read-timeout"),
+        pytest.param(httpx.RemoteProtocolError("bad"), 502, "upstream_error", "connect_error", id="protocol"),
+    ],
+)
+async def test_upstream_failures_before_an_answer_are_mapped(
+    error: Exception, status: int, code: str, outcome: str
+) -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        router.post("/chat/completions").mock(side_effect=error)
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.headers["x-proxykit-attempts"] == f"chat#0:{outcome}"
+    assert "upstream.test" not in response.text
+
+
+async def test_unknown_route_and_method_get_openai_shaped_errors() -> None:
+    async with respx_proxy(make_config()) as (_, client):
+        missing = await client.get("/nowhere")
+        wrong_method = await client.post("/health")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
