@@ -15,7 +15,7 @@ def collapse_excgroups() -> Iterator[None]:
         yield
     except BaseExceptionGroup as group:
         while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-            group = group.exceptions[0]  # type: ignore[assignment]
+            group = group.exceptions[0]
         raise group from None
 
 

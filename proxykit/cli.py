@@ -31,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return check(args.file)
-    return serve(args)
+    try:
+        return serve(args)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +72,8 @@ def summary(config: Config) -> str:
         f"{len(config.auth.keys)} client keys (auth {'on' if config.auth.enabled else 'off'})",
     ]
     for model in config.models:
-        lines.append(f"  model {model.name}" + (f" (fallbacks: {', '.join(model.fallbacks)})" if model.fallbacks else ""))
+        fallbacks = f" (fallbacks: {', '.join(model.fallbacks)})" if model.fallbacks else ""
+        lines.append(f"  model {model.name}{fallbacks}")
         for deployment in model.deployments:
             count = sum(1 for key in deployment.api_keys if key.secret)
             source = " from a file" if deployment.keys_file else ""
@@ -133,10 +137,10 @@ async def _serve_demo(host: str, port: int, log_level: str) -> None:
     upstream = uvicorn.Server(uvicorn.Config(DemoUpstream(), log_level="warning", access_log=False, lifespan="off"))
     proxy = uvicorn.Server(_uvicorn_config(create_app(config), host, port, log_level))
     url = f"http://{host}:{port}"
+    body = '{"model": "demo-chat", "stream": true, "messages": [{"role": "user", "content": "Hello"}]}'
     print(
         f"proxykit demo: models {', '.join(model.name for model in config.models)} at {url}/v1 (auth off)\n"
-        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
-        "-d '{\"model\": \"demo-chat\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
+        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'",
         flush=True,
     )
     upstream_task = asyncio.create_task(upstream.serve(sockets=[upstream_socket]))

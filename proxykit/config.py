@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -476,10 +476,12 @@ class _Reader:
         size = self.number(entry["max_body_bytes"], "limits.max_body_bytes", int, minimum=1) \
             if entry.get("max_body_bytes") is not None else None
         redis_url = self.string(entry.get("redis_url"), "limits.redis_url")
-        given = {key: value for key, value in (("max_body_bytes", size), ("redis_url", redis_url)) if value}
-        return LimitsConfig(
-            backend=self.choice(entry.get("backend"), "limits.backend", LIMIT_BACKENDS, "memory"), **given,
-        )
+        limits = LimitsConfig(backend=self.choice(entry.get("backend"), "limits.backend", LIMIT_BACKENDS, "memory"))
+        if size:
+            limits = replace(limits, max_body_bytes=size)
+        if redis_url:
+            limits = replace(limits, redis_url=redis_url)
+        return limits
 
     def metrics(self, raw: Any) -> MetricsConfig:
         entry = self.mapping(raw, "metrics", ("enabled", "path", "require_key"))

@@ -62,7 +62,7 @@ def _incoming_or_new_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             # Only a short, plain token is trusted: it lands in logs and upstream headers.
-            text = value.decode("latin-1")
+            text: str = value.decode("latin-1")
             if _VALID_REQUEST_ID.match(text):
                 return text
             break

@@ -22,7 +22,7 @@ _NOT_DOWNSTREAM: Final = HOP_BY_HOP | {b"server", b"date", b"content-length"}
 
 
 def _named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    named = set()
+    named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))

@@ -71,7 +71,7 @@ class Resources:
         if self._open_lock is None:
             self._open_lock = anyio.Lock()
         async with self._open_lock:
-            if self.state is not ResourceState.OPENED:
+            if self._client is None:  # not opened by whoever held the lock before us
                 logger.warning(
                     "proxykit resources opened by the first request: the host app does not run "
                     "proxykit's lifespan (pass lifespan=proxy_app.router.lifespan_context)"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -61,7 +65,7 @@ def streamed(status: int, *chunks: bytes, **kwargs: Any) -> httpx.Response:
 
 
 @asynccontextmanager
-async def serve(app: ASGIApp, *, lifespan: str = "auto") -> AsyncIterator[str]:
+async def serve(app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto") -> AsyncIterator[str]:
     """Run `app` under a real uvicorn server on a free 127.0.0.1 port; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -109,3 +113,56 @@ async def respx_proxy(config: dict[str, Any]) -> AsyncIterator[tuple[respx.MockR
     async with in_process(app) as client:
         yield router, client
     router.assert_all_called()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ProxykitProcess:
+    """A `proxykit serve ...` child process; `output` holds what it printed once it ended."""
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.url = url
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def proxykit_process(tmp_path: Path, *args: str) -> AsyncIterator[ProxykitProcess]:
+    """Runs `python -m proxykit serve ARGS --port P` until /health answers; stops it on exit."""
+    port = free_port()
+    log_path = tmp_path / f"proxykit-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxykit", "serve", *args, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            with anyio.fail_after(20):
+                while True:
+                    if process.poll() is not None:
+                        raise RuntimeError(f"proxykit exited early:\n{log_path.read_text()}")
+                    try:
+                        if (await client.get(f"{url}/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await anyio.sleep(0.05)
+        yield ProxykitProcess(url, process, log_path)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

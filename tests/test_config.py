@@ -135,7 +135,8 @@ def test_missing_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) 
     data = {"models": [{"name": "m", "deployments": [{"base_url": "http://x/v1", "api_keys": "${NOT_SET_ANYWHERE}"}]}]}
     with pytest.raises(ConfigError) as caught:
         config_from_dict(data)
-    assert "models[0].deployments[0].api_keys: environment variable NOT_SET_ANYWHERE is not set" in caught.value.problems
+    expected = "models[0].deployments[0].api_keys: environment variable NOT_SET_ANYWHERE is not set"
+    assert expected in caught.value.problems
 
 
 @pytest.mark.parametrize(

@@ -63,8 +63,8 @@ async def test_no_first_byte_in_time_is_a_504() -> None:
 
 
 async def test_unreachable_upstream_is_a_502() -> None:
-    from tests.conftest import make_config, serve
     from proxykit import create_app
+    from tests.conftest import make_config, serve
 
     config = make_config("http://127.0.0.1:9/v1")  # the discard port: nothing listens
     async with serve(create_app(config)) as url, httpx.AsyncClient() as client:

@@ -48,6 +48,8 @@ class AuthMiddleware:
 
 
 def _presented_key(scope: Scope) -> str:
+    name: bytes
+    value: bytes
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")

@@ -12,7 +12,16 @@ from starlette.routing import Route
 
 from proxykit import AuthMiddleware, get_context
 from proxykit.config import ClientKey
-from tests.conftest import CHAT, CLIENT_KEY, OTHER_CLIENT_KEY, in_process, make_config, respx_proxy, streamed, with_auth
+from tests.conftest import (
+    CHAT,
+    CLIENT_KEY,
+    OTHER_CLIENT_KEY,
+    in_process,
+    make_config,
+    respx_proxy,
+    streamed,
+    with_auth,
+)
 
 pytestmark = pytest.mark.anyio
 

@@ -1,0 +1,28 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11+ with venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/proxykit serve --demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check proxykit tests examples
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected nothing: that must fail, never pass quietly.
+test: lint
+	$(BIN)/pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
+	exit $$status
+
+clean:
+	rm -rf $(VENV) *.egg-info

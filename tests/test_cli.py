@@ -1,0 +1,117 @@
+"""The command line: `check`, `serve` refusing bad configs, and `serve --demo`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxykit import config_from_dict
+from proxykit.cli import warn_if_open
+from tests.conftest import make_config, proxykit_process, with_auth
+
+SECRETS = ("sk-pool-secret-1", "sk-pool-secret-2", "team-secret-key")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxykit", *args], capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def test_check_summarises_without_printing_keys(tmp_path: Path) -> None:
+    (tmp_path / "keys.txt").write_text("sk-pool-secret-1\nsk-pool-secret-2\n")
+    (tmp_path / "c.yaml").write_text("""
+auth: {keys: [{name: team, key: team-secret-key}]}
+models:
+  - name: big
+    deployments:
+      - {base_url: "https://user:pw@api.example/v1", api_keys: "file:keys.txt"}
+      - {base_url: "http://local:8000/v1", name: local}
+""")
+    result = run("check", str(tmp_path / "c.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "1 models, 2 deployments, 3 upstream keys, 1 client keys (auth on)" in result.stdout
+    assert "deployment big@0: https://api.example/v1 model=big, 2 keys from a file" in result.stdout
+    assert "deployment local: http://local:8000/v1 model=big, 0 keys" in result.stdout
+    for secret in (*SECRETS, "pw@"):
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "--config"]], ids=["check", "serve"])
+def test_bad_config_exits_2_naming_each_field(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  - name: m\n    deployments: [{base_url: nope}]\nretry: {attempts: -1}\n")
+    result = run(*command, str(path), "--port", "1") if command[0] == "serve" else run(*command, str(path))
+    assert result.returncode == 2
+    assert "models[0].deployments[0].base_url: must be an http:// or https:// URL" in result.stderr
+    assert "retry.attempts: must be at least 0" in result.stderr
+    assert "Uvicorn running" not in result.stderr
+
+
+def test_serve_without_a_config_exits_2() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = run("serve", env=env)
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run("check", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "cannot read the file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "warns"),
+    [
+        pytest.param("0.0.0.0", False, True, id="open-without-auth"),
+        pytest.param("10.1.2.3", False, True, id="lan-without-auth"),
+        pytest.param("127.0.0.1", False, False, id="loopback"),
+        pytest.param("localhost", False, False, id="localhost"),
+        pytest.param("::1", False, False, id="ipv6-loopback"),
+        pytest.param("0.0.0.0", True, False, id="open-with-auth"),
+    ],
+)
+def test_warns_when_an_open_proxy_listens_beyond_loopback(
+    host: str, auth: bool, warns: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_from_dict(with_auth(make_config()) if auth else make_config())
+    with caplog.at_level(logging.WARNING, logger="proxykit"):
+        assert warn_if_open(config, host) is warns
+    assert bool([r for r in caplog.records if "auth is off" in r.getMessage()]) is warns
+
+
+@pytest.mark.anyio
+async def test_demo_serves_streams_and_prints_a_curl_line(tmp_path: Path) -> None:
+    async with proxykit_process(tmp_path, "--demo") as proxy, httpx.AsyncClient() as client:
+        plain = await client.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "demo-chat", "messages": [{"role": "user", "content": "Hello"}]})
+        events = []
+        async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json={
+            "model": "demo-reasoner", "stream": True, "messages": [{"role": "user", "content": "Hello"}],
+        }) as response:
+            async for chunk in response.aiter_raw():
+                events.append(chunk)
+    assert plain.status_code == 200
+    assert plain.json()["choices"][0]["message"]["content"].endswith("You said: Hello")
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert len(events) > 5  # one read per event: the demo really streams
+    first = json.loads(events[1].removeprefix(b"data: "))
+    assert "reasoning_content" in first["choices"][0]["delta"]
+    assert "curl -N http://127.0.0.1:" in proxy.output
+    assert "demo-upstream-key" not in proxy.output
+
+
+def test_sample_config_in_examples_is_valid() -> None:
+    import os
+
+    env = {**os.environ, "TEAM_A_KEY": "a", "TEAM_B_KEY": "b", "OPENAI_KEYS": "k1,k2"}
+    result = run("check", str(Path(__file__).parents[1] / "examples" / "proxykit.yaml"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "3 models, 4 deployments" in result.stdout
