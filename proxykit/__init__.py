@@ -7,9 +7,12 @@ from proxykit.context import RequestContext, ensure_context, get_context
 from proxykit.demo import DemoUpstream
 from proxykit.errors import ProxyError, send_error
 from proxykit.forward import Forwarder
+from proxykit.keys import KeyPool
 from proxykit.logs import RequestIdFilter
 from proxykit.middleware.auth import AuthMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
+from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
+from proxykit.middleware.rotation import KeyRotationMiddleware
 from proxykit.resources import Resources
 from proxykit.transport import AiohttpTransport
 
@@ -22,11 +25,15 @@ __all__ = [
     "ConfigError",
     "DemoUpstream",
     "Forwarder",
+    "KeyPool",
+    "KeyRotationMiddleware",
     "ProxyError",
     "RequestContext",
     "RequestIdFilter",
     "RequestIdMiddleware",
     "Resources",
+    "RetryMiddleware",
+    "RetryPolicy",
     "config_from_dict",
     "create_app",
     "ensure_context",

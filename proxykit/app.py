@@ -14,6 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from proxykit.config import Config, config_from_dict, load_config
 from proxykit.context import ensure_context
@@ -22,6 +23,8 @@ from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNo
 from proxykit.forward import Forwarder
 from proxykit.middleware.auth import AuthMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
+from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
+from proxykit.middleware.rotation import KeyRotationMiddleware
 from proxykit.resources import Resources
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ def create_app(
         Route("/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
-        Mount("/v1", app=Forwarder(resources)),
+        Mount("/v1", app=_forwarding_stack(resources)),
     ]
     app = Starlette(
         routes=routes,
@@ -63,6 +66,16 @@ def create_app(
     )
     app.state.resources = resources
     return app
+
+
+def _forwarding_stack(resources: Resources) -> ASGIApp:
+    """Retry → KeyRotation → Forwarder: only forwarded requests pass through these layers, and
+    rotation sits inside retry so each attempt gets a fresh key whose outcome is recorded first."""
+    config = resources.config
+    body_limit = config.limits.max_body_bytes
+    app: ASGIApp = Forwarder(resources)
+    app = KeyRotationMiddleware(app, pool=resources.keys, max_body_bytes=body_limit)
+    return RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
 
 
 def _as_config(config: Config | dict[str, Any] | str | os.PathLike[str]) -> Config:

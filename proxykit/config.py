@@ -146,9 +146,13 @@ class Config:
     timeouts: TimeoutConfig = TimeoutConfig()
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    _by_name: dict[str, ModelConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {model.name: model for model in self.models})  # frozen: set once
 
     def model(self, name: str) -> ModelConfig | None:
-        return next((model for model in self.models if model.name == name), None)
+        return self._by_name.get(name)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -10,9 +10,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from proxykit.keys import KeyState
 
 SCOPE_KEY: Final = "proxykit.context"
 _VALID_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -28,12 +31,18 @@ class RequestContext:
     allowed_models: tuple[str, ...] | None = None  # the client's allow-list (globs); None allows all
     deployment: str | None = None
     key_alias: str | None = None  # the upstream key's alias, never the key
+    key: KeyState | None = None  # the key chosen for the current attempt
+    tried: list[KeyState] = field(default_factory=list)  # keys this request has used
+    skip_deployments: set[str] = field(default_factory=set)  # deployments that failed to connect
+    no_upstream: bool = False  # the current attempt found no key to use
     attempt: int = 0
+    attempt_started: float = 0.0
     outcome: str | None = None  # "ok", "http_429", "connect_error", ... as in the metrics contract
     attempts: list[str] | None = None  # "alias:outcome" per upstream attempt
     status: int | None = None  # the status sent to the client
     started: float = field(default_factory=time.perf_counter)
     ttfb: float | None = None  # seconds from `started` to the upstream's headers
+    attempt_ttfb: float | None = None  # the same, for the current attempt alone
     finished: bool = False  # the whole response went out
     disconnected: bool = False
 

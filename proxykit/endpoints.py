@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from proxykit.config import ModelConfig
 from proxykit.context import ensure_context
 from proxykit.errors import ModelNotFound
+from proxykit.keys import KeyStatus
 from proxykit.resources import Resources
 from proxykit.routing import is_model_allowed
 
@@ -27,16 +28,27 @@ class Endpoints:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        """Per model and deployment: how many keys are available, resting and set aside, and when
+        the next one returns. Aliases only, never a key."""
+        pool = self.resources.keys
+        now = pool.clock()
         models: dict[str, Any] = {}
-        ready = True
-        for model in self.resources.config.models:
-            deployments = {
-                deployment.name: {"available": len(deployment.api_keys), "resting": 0, "set_aside": 0}
-                for deployment in model.deployments
-            }
-            usable = any(counts["available"] for counts in deployments.values())
-            ready = ready and usable
-            models[model.name] = {"ready": usable, "deployments": deployments}
+        for name, model_keys in pool.models.items():
+            deployments: dict[str, Any] = {}
+            for state in model_keys.keys:
+                entry = deployments.setdefault(state.deployment.name, {
+                    "available": 0, "resting": 0, "set_aside": 0, "reasons": {}, "next_return_s": None,
+                })
+                status = state.status(now)
+                entry[status.value] += 1
+                if status is not KeyStatus.AVAILABLE:
+                    entry["reasons"][state.reason or "resting"] = entry["reasons"].get(state.reason or "resting", 0) + 1
+                    wait = round(max(0.0, state.until - now), 1)
+                    if entry["next_return_s"] is None or wait < entry["next_return_s"]:
+                        entry["next_return_s"] = wait
+            usable = any(entry["available"] for entry in deployments.values())
+            models[name] = {"ready": usable, "deployments": deployments}
+        ready = all(model["ready"] for model in models.values())
         return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
                             status_code=200 if ready else 503)
 

@@ -13,9 +13,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from proxykit._utils import collapse_excgroups, route_path
 from proxykit.body import ClientDisconnected, ensure_payload, requested_model
-from proxykit.config import Deployment, UpstreamKey
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import ProxyError, UpstreamError, map_httpx_error, send_error
+from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
 from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
@@ -41,49 +40,59 @@ class Forwarder:
             return
         await self.resources.ensure_open()
         ctx = ensure_context(scope)
+        chosen_here = ctx.key is None  # no key-rotation layer in front: take the next key ourselves
         try:
-            request = await self._upstream_request(scope, receive, ctx)
+            if chosen_here:
+                self._choose(await self._model(scope, receive, ctx), ctx)
+            request = self._upstream_request(scope, ctx)
         except ClientDisconnected:
             ctx.disconnected = True
             return
         except ProxyError as exc:
             await send_error(exc, scope, receive, send)
             return
-        await self._forward(request, ctx, scope, receive, send)
+        try:
+            await self._forward(request, ctx, scope, receive, send)
+        finally:
+            if chosen_here and ctx.key is not None:
+                self.resources.keys.release(ctx.key)
+                ctx.key = None
 
-    async def _upstream_request(self, scope: Scope, receive: Receive, ctx: RequestContext) -> httpx.Request:
+    async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> str:
         config = self.resources.config
-        payload = await ensure_payload(scope, receive, config.limits.max_body_bytes)
+        await ensure_payload(scope, receive, config.limits.max_body_bytes)
         model = resolve_model(config, requested_model(ctx), ctx.allowed_models)
         ctx.model = model.name
-        deployment, key = self._route(ctx, model.name)
-        body = ctx.body or b""
-        if deployment.model != model.name:
-            body = json.dumps({**payload, "model": deployment.model}).encode()
+        return model.name
+
+    def _choose(self, model: str, ctx: RequestContext) -> None:
+        state = self.resources.keys.choose(model)
+        if state is None:
+            raise NoUpstreamAvailable(f"no upstream key of {model} is available")
+        ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
+
+    def _upstream_request(self, scope: Scope, ctx: RequestContext) -> httpx.Request:
+        assert ctx.key is not None and ctx.payload is not None and ctx.body is not None
+        deployment, secret = ctx.key.deployment, ctx.key.secret
+        body = ctx.body
+        if deployment.model != ctx.payload["model"]:  # the upstream's id, or a fallback model's
+            body = json.dumps({**ctx.payload, "model": deployment.model}).encode()
         headers = upstream_headers(scope["headers"])
         headers.append(("x-request-id", ctx.request_id))
-        if key.secret:
-            headers.append(("authorization", f"Bearer {key.secret}"))
+        if secret:
+            headers.append(("authorization", f"Bearer {secret}"))
         # The deployment's base_url ends in the API version (…/v1), as OpenAI SDK base URLs do.
         url = deployment.base_url + route_path(scope)
         if query := scope.get("query_string"):
             url = f"{url}?{query.decode('latin-1')}"
         return httpx.Request(scope["method"], url, headers=headers, content=body)
 
-    def _route(self, ctx: RequestContext, model: str) -> tuple[Deployment, UpstreamKey]:
-        pool = self.resources.keys
-        if ctx.deployment is None or ctx.key_alias is None:
-            deployment, key = pool.next_route(model)
-            ctx.deployment, ctx.key_alias = deployment.name, key.alias
-            return deployment, key
-        deployment = pool.deployment(ctx.deployment)  # chosen by a key-rotation layer
-        key = next(key for key in deployment.api_keys if key.alias == ctx.key_alias)
-        return deployment, key
-
     async def _forward(
         self, request: httpx.Request, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         error: ProxyError | None = None
+        ctx.finished = False
+        ctx.attempt_started = time.perf_counter()
         with collapse_excgroups():
             async with anyio.create_task_group() as tg:
                 # Watch from before the upstream call, so a client who leaves during a long wait
@@ -111,7 +120,8 @@ class Forwarder:
             raise map_httpx_error(httpx.ReadTimeout("no first byte in time")) from None
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc) from None
-        ctx.ttfb = time.perf_counter() - ctx.started
+        now = time.perf_counter()
+        ctx.ttfb, ctx.attempt_ttfb = now - ctx.started, now - ctx.attempt_started
         ctx.record_attempt(_outcome(response.status_code))
         return response
 
@@ -119,7 +129,6 @@ class Forwarder:
         raw_headers = response.headers.raw
         headers = downstream_headers(raw_headers, keep_length=True)
         is_event_stream = response.headers.get("content-type", "").encode().startswith(_EVENT_STREAM)
-        ctx.status = response.status_code
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         ended_cleanly = True  # whether the last chunk closed its event, for the error event below
         try:

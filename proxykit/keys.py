@@ -1,40 +1,311 @@
-"""The upstream keys of each model and the order in which they are handed out."""
+"""Upstream key state: availability, cooldowns, usage, and the choice of a key for each attempt.
+
+Each model keeps its keys in a lazy min-heap ordered by the routing strategy's priority, so a
+choice costs O(log n) in the number of keys. A key that rests leaves the heap and comes back
+when its time is up; a set-aside key comes back only after a successful probe.
+"""
 
 from __future__ import annotations
 
-from itertools import cycle
+import enum
+import heapq
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Set
+from dataclasses import dataclass, field
 
-from proxykit.config import Config, Deployment, UpstreamKey
+from proxykit.config import Config, CooldownConfig, Deployment, ModelConfig, UpstreamKey
+from proxykit.routing import PRIORITIES, Priority
 
-Route = tuple[Deployment, UpstreamKey]
+Clock = Callable[[], float]
+_LATENCY_ALPHA = 0.3  # weight of the newest TTFB in the moving average
+
+
+class KeyStatus(enum.Enum):
+    AVAILABLE = "available"
+    RESTING = "resting"
+    SET_ASIDE = "set_aside"
+
+
+@dataclass(slots=True, eq=False)
+class KeyState:
+    """One upstream key of one deployment, and everything proxykit has learnt about it."""
+
+    deployment: Deployment
+    key: UpstreamKey
+    until: float = 0.0  # resting or set aside until then (monotonic seconds)
+    set_aside: bool = False  # waits for a successful probe, not only for `until`
+    reason: str | None = None  # why it rests: "429", "failures", "auth_error", "exhausted"
+    failures: int = 0  # consecutive 5xx / connect failures
+    in_flight: int = 0
+    last_used: int = 0  # sequence number of the last choice: least recently used goes first
+    request_tat: float = 0.0  # GCRA: when this key's request bucket would be empty again
+    token_tat: float = 0.0
+    ttfb: float | None = None  # moving average of the time to first byte
+    stride_pass: float = 0.0  # weighted strategy: advances by 1/share on each use
+    version: int = 0  # bumps whenever the priority changes; older heap entries are stale
+    in_heap: bool = field(default=False)
+
+    @property
+    def alias(self) -> str:
+        return self.key.alias
+
+    @property
+    def secret(self) -> str:
+        return self.key.secret
+
+    def status(self, now: float) -> KeyStatus:
+        if self.set_aside:
+            return KeyStatus.SET_ASIDE
+        return KeyStatus.RESTING if self.until > now else KeyStatus.AVAILABLE
+
+    def has_room(self, now: float) -> bool:
+        """Whether one more request fits this key's configured rpm/tpm (a token bucket)."""
+        return self.request_tat - now <= 60.0 - _interval(self.deployment.rpm) + 1e-9 and (
+            self.deployment.tpm is None or self.token_tat - now <= 60.0
+        )
+
+
+def _interval(per_minute: int | None) -> float:
+    """Seconds of bucket one unit takes; keys without a limit still count a sliver, so usage spreads."""
+    return 60.0 / per_minute if per_minute else 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class NoKey:
+    """Why no key could be chosen: for the 503 message and its Retry-After."""
+
+    model: str
+    total: int
+    reasons: tuple[str, ...]
+    retry_after: float  # seconds until the soonest key returns (or has room)
+
+
+class ModelKeys:
+    """The keys of one model entry, with the heap that orders them."""
+
+    def __init__(self, model: ModelConfig, priority: Priority, clock: Clock) -> None:
+        self.model = model
+        self.priority = priority
+        self.clock = clock
+        # Interleaved (d0#0, d1#0, d0#1, ...), so that among equals consecutive choices alternate
+        # between deployments.
+        longest = max(len(deployment.api_keys) for deployment in model.deployments)
+        self.keys = [
+            KeyState(deployment, deployment.api_keys[i])
+            for i in range(longest) for deployment in model.deployments if i < len(deployment.api_keys)
+        ]
+        # (priority, last_used, push number, version, key): the push number keeps entries unique,
+        # so the key itself is never compared.
+        self._heap: list[tuple[tuple[float, ...], int, int, int, KeyState]] = []
+        self._pushes = 0
+        self._resting: list[tuple[float, int, KeyState]] = []  # by `until`
+        self._sequence = 0
+        self._weights = {
+            deployment.name: deployment.weight / len(deployment.api_keys) for deployment in model.deployments
+        }
+        for state in self.keys:
+            self._push(state)
+
+    def choose(self, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()) -> KeyState | None:
+        now = self.clock()
+        self._wake(now)
+        skipped = []
+        excluded = set(map(id, exclude))
+        chosen = None
+        while self._heap:
+            _, _, _, version, state = heapq.heappop(self._heap)
+            if version != state.version:
+                continue  # stale: the key was pushed again with a newer priority
+            state.in_heap = False
+            if state.status(now) is not KeyStatus.AVAILABLE:
+                continue  # back in the heap when it wakes
+            if id(state) in excluded or state.deployment.name in skip_deployments or not state.has_room(now):
+                skipped.append(state)
+                continue
+            chosen = state
+            break
+        for state in skipped:
+            self._push(state)
+        if chosen is not None:
+            self._use(chosen, now)
+        return chosen
+
+    def why_none(self) -> NoKey:
+        now = self.clock()
+        waits = [state.until - now for state in self.keys if not state.set_aside and state.until > now]
+        full = [_room_in(state, now) for state in self.keys if state.status(now) is KeyStatus.AVAILABLE]
+        reasons = {state.reason or "resting" for state in self.keys if state.status(now) is not KeyStatus.AVAILABLE}
+        if full:
+            reasons.add("full")
+        return NoKey(self.model.name, len(self.keys), tuple(sorted(reasons)), min(waits + full, default=60.0))
+
+    def _use(self, state: KeyState, now: float) -> None:
+        self._sequence += 1
+        state.last_used = self._sequence
+        state.in_flight += 1
+        state.request_tat = max(state.request_tat, now) + _interval(state.deployment.rpm)
+        state.stride_pass += 1.0 / max(self._weights[state.deployment.name], 1e-9)
+        self._push(state)
+
+    def _push(self, state: KeyState) -> None:
+        state.version += 1
+        state.in_heap = True
+        self._pushes += 1
+        heapq.heappush(self._heap, (self.priority(state), state.last_used, self._pushes, state.version, state))
+        if len(self._heap) > 4 * len(self.keys) + 64:  # drop stale entries now and then
+            self._heap = [entry for entry in self._heap if entry[3] == entry[4].version]
+            heapq.heapify(self._heap)
+
+    def changed(self, state: KeyState) -> None:
+        """Re-rank a key after its priority inputs changed; a resting key waits for its wake-up."""
+        now = self.clock()
+        status = state.status(now)
+        if status is KeyStatus.AVAILABLE:
+            self._push(state)
+        elif status is KeyStatus.RESTING:
+            state.version += 1  # its heap entries are stale now
+            state.in_heap = False
+            heapq.heappush(self._resting, (state.until, id(state), state))
+
+    def _wake(self, now: float) -> None:
+        while self._resting and self._resting[0][0] <= now:
+            _, _, state = heapq.heappop(self._resting)
+            if state.status(now) is KeyStatus.AVAILABLE and not state.in_heap:
+                state.reason = None
+                self._push(state)
+
+
+def _room_in(state: KeyState, now: float) -> float:
+    return max(0.0, state.request_tat - now - 60.0 + _interval(state.deployment.rpm))
 
 
 class KeyPool:
-    """Every upstream key of every model, each model's keys taken in turn across its deployments.
+    """Every upstream key of every model, and what happens to a key after each attempt.
 
         pool = KeyPool(config)
-        deployment, key = pool.next_route("deepseek-ai/DeepSeek-V3")
+        state = pool.choose("deepseek-ai/DeepSeek-V3", exclude=tried)
+        pool.record(state, status=429, headers=response_headers)
     """
 
-    def __init__(self, config: Config) -> None:
-        self._turns = {
-            model.name: cycle(_interleaved(model.deployments)) for model in config.models
-        }
-        self._deployments = {
-            deployment.name: deployment for model in config.models for deployment in model.deployments
-        }
+    def __init__(self, config: Config, *, clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        priority = PRIORITIES[config.routing.strategy]
+        self.models = {model.name: ModelKeys(model, priority, clock) for model in config.models}
+        self._owner = {id(state): keys for keys in self.models.values() for state in keys.keys}
 
-    def next_route(self, model: str) -> Route:
-        return next(self._turns[model])
+    def choose(
+        self, model: str, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()
+    ) -> KeyState | None:
+        """A key of `model`'s own deployments, or None when none is available."""
+        return self.models[model].choose(exclude, skip_deployments)
 
-    def deployment(self, name: str) -> Deployment:
-        return self._deployments[name]
+    def why_none(self, model: str) -> NoKey:
+        return self.models[model].why_none()
+
+    def release(self, state: KeyState) -> None:
+        """The attempt that `choose` started has ended."""
+        state.in_flight -= 1
+        self._owner[id(state)].changed(state)
+
+    def record(self, state: KeyState, outcome: str, headers: Mapping[str, str] | None = None,
+               ttfb: float | None = None) -> str | None:
+        """Apply an attempt's outcome to its key; returns the new rest reason, if it was put to rest."""
+        cooldown: CooldownConfig = self.config.cooldown
+        now = self.clock()
+        headers = headers or {}
+        reason = None
+        if outcome == "http_429":
+            reason = "429"
+            state.until = now + (_retry_after(headers) or cooldown.on_429)
+        elif outcome == "auth_error":
+            reason = "auth_error"
+            state.until, state.set_aside = now + cooldown.on_auth_error, True
+        elif outcome in ("http_5xx", "connect_error", "timeout"):
+            state.failures += 1
+            if state.failures >= cooldown.after_failures:
+                reason, state.failures = "failures", 0
+                state.until = now + cooldown.seconds
+        else:
+            state.failures = 0
+            if ttfb is not None:
+                state.ttfb = ttfb if state.ttfb is None else (1 - _LATENCY_ALPHA) * state.ttfb + _LATENCY_ALPHA * ttfb
+            reason = _apply_rate_limit_headers(state, headers, now)
+        if reason:
+            state.reason = reason
+            self._owner[id(state)].changed(state)
+        return reason
+
+    def recovered(self, state: KeyState) -> None:
+        """A set-aside key passed its probe: back into rotation."""
+        state.set_aside, state.until, state.reason, state.failures = False, 0.0, None, 0
+        self._owner[id(state)].changed(state)
+
+    def due_for_probe(self) -> list[KeyState]:
+        now = self.clock()
+        return [state for keys in self.models.values() for state in keys.keys if state.set_aside and state.until <= now]
+
+    def all_keys(self) -> Iterable[KeyState]:
+        for keys in self.models.values():
+            yield from keys.keys
 
 
-def _interleaved(deployments: tuple[Deployment, ...]) -> list[Route]:
-    """d0#0, d1#0, d0#1, d1#1, ...: consecutive requests alternate between deployments."""
-    longest = max(len(deployment.api_keys) for deployment in deployments)
-    return [
-        (deployment, deployment.api_keys[i])
-        for i in range(longest) for deployment in deployments if i < len(deployment.api_keys)
-    ]
+def _apply_rate_limit_headers(state: KeyState, headers: Mapping[str, str], now: float) -> str | None:
+    """Read the upstream's `x-ratelimit-*` headers, so a key about to run dry is avoided before it 429s."""
+    for kind in ("requests", "tokens"):
+        remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+        if remaining is None:
+            continue
+        if remaining <= 0:
+            state.until = now + (_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0)
+            return "exhausted"
+        limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+        if limit:
+            used_share = max(0.0, 1.0 - remaining / limit)
+            if kind == "requests":
+                state.request_tat = max(state.request_tat, now + 60.0 * used_share - 60.0 / max(limit, 1))
+            else:
+                state.token_tat = max(state.token_tat, now + 60.0 * used_share)
+    return None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    if (ms := _number(headers.get("retry-after-ms"))) is not None:
+        return ms / 1000
+    return _number(headers.get("retry-after"))
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value: str | None) -> float | None:
+    """OpenAI's reset durations: "1s", "6m0s", "20ms", "1h2m3.5s"; a bare number is seconds."""
+    if value is None:
+        return None
+    if (plain := _number(value)) is not None:
+        return plain
+    total, digits, text = 0.0, "", value.strip()
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char.isdigit() or char == ".":
+            digits += char
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else char
+        if unit not in _UNITS or not digits:
+            return None
+        total += float(digits) * _UNITS[unit]
+        digits, i = "", i + len(unit)
+    return total if not digits else None

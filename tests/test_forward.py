@@ -77,14 +77,17 @@ async def test_request_id_is_made_and_sent_upstream_when_client_has_none() -> No
     assert route.calls.last.request.headers["x-request-id"] == request_id
 
 
-@pytest.mark.parametrize("status", [400, 422, 500])
-async def test_upstream_error_passes_through_as_it_came(status: int) -> None:
+@pytest.mark.parametrize(("status", "calls"), [(400, 1), (422, 1), (500, 2)])
+async def test_upstream_error_passes_through_as_it_came(status: int, calls: int) -> None:
     error = b'{"error":{"message":"prompt too long","type":"invalid_request_error"}}'
-    async with respx_proxy(make_config()) as (router, client):
-        router.post("/chat/completions").mock(return_value=streamed(status, error))
+    config = make_config(retry={"backoff": {"initial": 0}})
+    async with respx_proxy(config) as (router, client):
+        route = router.post("/chat/completions").mock(side_effect=lambda request: streamed(status, error))
         response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == status
     assert response.content == error
+    assert len(route.calls) == calls  # a 500 is retried on the other key; a 4xx is the client's fault
+    assert (response.headers.get("x-should-retry") == "false") is (calls > 1)
 
 
 async def test_keys_are_taken_in_turn() -> None:

@@ -1,0 +1,191 @@
+"""Retry: another attempt, on another key, until one answers or the budget is spent."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxykit.body import ClientDisconnected, ensure_body, replay
+from proxykit.config import Config
+from proxykit.context import RequestContext, ensure_context
+from proxykit.errors import ProxyError, send_error
+
+logger = logging.getLogger(__name__)
+
+_HELD_BODY_LIMIT = 64 * 1024  # an error body held while deciding; anything larger is passed on
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how soon to try again.
+
+        RetryPolicy(attempts=3, initial=0.2, max_delay=8.0, retry_on=frozenset({429, 500, "timeout"}))
+    """
+
+    attempts: int = 3  # after the first
+    initial: float = 0.2
+    max_delay: float = 8.0
+    retry_on: frozenset[int | str] = frozenset({429, 500, 502, 503, 504, "connect_error", "timeout"})
+    deadline: float = 120.0  # no attempt starts this long after the request arrived
+
+    @classmethod
+    def from_config(cls, config: Config) -> RetryPolicy:
+        retry = config.retry
+        return cls(
+            attempts=retry.attempts, initial=retry.backoff.initial, max_delay=retry.backoff.max,
+            retry_on=frozenset(retry.retry_on), deadline=config.timeouts.first_byte,
+        )
+
+    def retryable(self, status: int, outcome: str | None) -> bool:
+        if outcome is None:
+            return False  # proxykit answered by itself: no upstream was asked
+        if outcome in ("connect_error", "timeout"):
+            return outcome in self.retry_on
+        # An upstream 401/403 is the key's fault, so another key is always worth a try.
+        return status in (401, 403) or status in self.retry_on
+
+    def delay(self, retry: int, status: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter. A 429's Retry-After is honoured by resting that key,
+        not by waiting: the next attempt goes to another key. Other statuses (a 503 from an
+        overloaded upstream) wait for Retry-After, up to `max_delay`."""
+        ceiling = min(self.max_delay, self.initial * 2**retry)
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        if retry_after is not None and status != 429:
+            delay = max(delay, retry_after)
+        return min(delay, self.max_delay)
+
+
+@dataclass(slots=True)
+class _Held:
+    """A failed attempt's response, held back while proxykit decides whether to try again."""
+
+    start: Message
+    body: list[Message] = field(default_factory=list)
+    size: int = 0
+
+    def retry_after(self) -> float | None:
+        value = MutableHeaders(scope=self.start).get("retry-after")
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+
+class _Retry(Exception):
+    """Abandons an attempt from inside `send`, so the inner layers close its upstream response."""
+
+
+class _NoKeyLeft(Exception):
+    """The next attempt found no key: the client gets the last upstream error instead."""
+
+
+class RetryMiddleware:
+    """Decides on each attempt's `http.response.start`: a retryable failure is held back and the
+    request tried again (the key rotation layer inside picks another key); once a response has
+    started reaching the client, it is final.
+
+        Middleware(RetryMiddleware, policy=RetryPolicy(), max_body_bytes=20_000_000)
+    """
+
+    def __init__(self, app: ASGIApp, *, policy: RetryPolicy, max_body_bytes: int) -> None:
+        self.app = app
+        self.policy = policy
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = ensure_context(scope)
+        try:
+            body = await ensure_body(scope, receive, self.max_body_bytes)
+        except ClientDisconnected:
+            ctx.disconnected = True
+            return
+        except ProxyError as exc:
+            await send_error(exc, scope, receive, send)
+            return
+        held: _Held | None = None
+        for attempt_number in range(self.policy.attempts + 1):
+            ctx.attempt, ctx.no_upstream = attempt_number, False
+            attempt = _Attempt(self.policy, ctx, send, after_failure=held is not None)
+            try:
+                await self.app(scope, replay(body, receive), attempt.send)
+            except _Retry:
+                pass
+            except _NoKeyLeft:
+                break
+            if attempt.held is None:
+                return  # answered: the response went to the client
+            held = attempt.held  # failed, or broke off while its error body was held
+            if ctx.disconnected:
+                return  # a client that left is never retried
+            delay = self.policy.delay(attempt_number, held.start["status"], held.retry_after())
+            if time.perf_counter() + delay > ctx.started + self.policy.deadline:
+                break
+            await _sleep_unless_disconnected(delay, receive, ctx)
+            if ctx.disconnected:
+                return
+        assert held is not None
+        logger.warning("retries exhausted: %s", ",".join(ctx.attempts or ()))
+        await _replay_held(held, send)
+
+
+class _Attempt:
+    """The `send` of one attempt: holds back a retryable failure, passes anything else on."""
+
+    def __init__(self, policy: RetryPolicy, ctx: RequestContext, send: Send, *, after_failure: bool) -> None:
+        self.policy = policy
+        self.ctx = ctx
+        self._send = send
+        self.after_failure = after_failure
+        self.held: _Held | None = None
+
+    async def send(self, message: Message) -> None:
+        ctx = self.ctx
+        if message["type"] == "http.response.start":
+            if ctx.no_upstream and self.after_failure:
+                raise _NoKeyLeft()
+            final = ctx.attempt >= self.policy.attempts
+            if not final and not ctx.disconnected and self.policy.retryable(message["status"], ctx.outcome):
+                self.held = _Held(message)
+                return
+            if ctx.attempt and message["status"] >= 400:
+                _mark_retried(message)
+            await self._send(message)  # from here on the attempt is committed
+        elif self.held is not None:
+            held = self.held
+            held.body.append(message)
+            held.size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                raise _Retry()
+            if held.size > _HELD_BODY_LIMIT:  # too large to hold: it goes to the client as it is
+                self.held = None
+                await _replay_held(held, self._send)
+        else:
+            await self._send(message)
+
+
+def _mark_retried(start: Message) -> None:
+    # proxykit already retried: SDK clients must not multiply the load by retrying again.
+    MutableHeaders(scope=start)["x-should-retry"] = "false"
+
+
+async def _replay_held(held: _Held, send: Send) -> None:
+    _mark_retried(held.start)
+    await send(held.start)
+    for message in held.body:
+        await send(message)
+
+
+async def _sleep_unless_disconnected(delay: float, receive: Receive, ctx: RequestContext) -> None:
+    with anyio.move_on_after(delay):
+        while (await receive())["type"] != "http.disconnect":
+            pass  # a replayed copy of the body
+        ctx.disconnected = True

@@ -1,0 +1,103 @@
+"""Key rotation: picks the deployment and upstream key for each attempt, and learns from the answer."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxykit.body import ClientDisconnected, ensure_payload, requested_model
+from proxykit.config import ModelConfig
+from proxykit.context import RequestContext, ensure_context
+from proxykit.errors import NoUpstreamAvailable, ProxyError, send_error
+from proxykit.keys import KeyPool, KeyState, NoKey
+from proxykit.routing import resolve_model
+
+logger = logging.getLogger(__name__)
+
+_REASONS = {
+    "429": "rate limited (429)",
+    "failures": "failing",
+    "auth_error": "set aside after 401/403",
+    "exhausted": "out of upstream quota",
+    "full": "at their rpm/tpm limit",
+    "resting": "resting",
+}
+
+
+class KeyRotationMiddleware:
+    """Chooses a key of the requested model (then of its fallbacks) that this request has not
+    tried yet, records it in the context for the forwarder, and applies the upstream's answer to
+    the key: a 429 rests it, a 401/403 sets it aside, repeated failures rest it.
+
+        Middleware(KeyRotationMiddleware, pool=KeyPool(config), max_body_bytes=20_000_000)
+    """
+
+    def __init__(self, app: ASGIApp, *, pool: KeyPool, max_body_bytes: int) -> None:
+        self.app = app
+        self.pool = pool
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = ensure_context(scope)
+        try:
+            await ensure_payload(scope, receive, self.max_body_bytes)
+            model = resolve_model(self.pool.config, requested_model(ctx), ctx.allowed_models)
+        except ClientDisconnected:
+            ctx.disconnected = True
+            return
+        except ProxyError as exc:
+            await send_error(exc, scope, receive, send)
+            return
+        ctx.model = model.name
+        state = self._choose(model, ctx)
+        if state is None:
+            ctx.no_upstream = True
+            await send_error(_no_upstream(self.pool.why_none(model.name)), scope, receive, send)
+            return
+        ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
+        ctx.tried.append(state)
+        ctx.outcome = None
+
+        async def send_and_learn(message: Message) -> None:
+            if message["type"] == "http.response.start" and ctx.outcome is not None:
+                self._learn(state, ctx, message)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_learn)
+        finally:
+            self.pool.release(state)
+
+    def _choose(self, model: ModelConfig, ctx: RequestContext) -> KeyState | None:
+        for name in (model.name, *model.fallbacks):
+            state = self.pool.choose(name, exclude=ctx.tried, skip_deployments=ctx.skip_deployments)
+            if state is not None:
+                return state
+        return None
+
+    def _learn(self, state: KeyState, ctx: RequestContext, message: Message) -> None:
+        status: int = message["status"]
+        outcome = ctx.outcome
+        if status in (401, 403):
+            outcome = "auth_error"  # the key's fault, not the client's
+        elif outcome in ("connect_error", "timeout"):
+            ctx.skip_deployments.add(state.deployment.name)  # its other keys would not connect either
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in message["headers"]}
+        reason = self.pool.record(state, outcome or "ok", headers, ctx.attempt_ttfb)
+        if reason:
+            logger.warning("upstream key %s is %s", state.alias, _REASONS.get(reason, reason))
+
+
+def _no_upstream(why: NoKey) -> NoUpstreamAvailable:
+    seconds = max(1, math.ceil(why.retry_after))
+    reasons = ", ".join(_REASONS.get(reason, reason) for reason in why.reasons) or "unavailable"
+    message = (
+        f"no upstream key of {why.model} is available: all {why.total} keys are {reasons}; "
+        f"the first returns in {seconds} s"
+    )
+    return NoUpstreamAvailable(message, headers={"retry-after": str(seconds)})
