@@ -54,7 +54,7 @@ class RetryPolicy:
         """Exponential backoff with jitter. A 429's Retry-After is honoured by resting that key,
         not by waiting: the next attempt goes to another key. Other statuses (a 503 from an
         overloaded upstream) wait for Retry-After, up to `max_delay`."""
-        ceiling = min(self.max_delay, self.initial * 2**retry)
+        ceiling: float = min(self.max_delay, self.initial * 2.0**retry)
         delay = ceiling / 2 + random.uniform(0, ceiling / 2)
         if retry_after is not None and status != 429:
             delay = max(delay, retry_after)
