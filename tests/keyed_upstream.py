@@ -42,7 +42,7 @@ class KeyedUpstream:
             return
         self.models.append(json.loads(body)["model"])
         behaviour = self.behaviours.get(key, "ok")
-        if behaviour == "500-once" and self.calls[key] == 1 or behaviour == "500":
+        if (behaviour == "500-once" and self.calls[key] == 1) or behaviour == "500":
             await _answer(send, 500, b'{"error": {"message": "upstream broke"}}')
         elif behaviour == "429":
             await _answer(send, 429, b'{"error": {"message": "slow down"}}',

@@ -108,7 +108,7 @@ async def test_transient_500_is_retried_on_another_key() -> None:
 
 async def test_unreachable_deployment_fails_over_to_a_healthy_one() -> None:
     upstream = KeyedUpstream(keys("ok"))
-    deployments = [
+    deployments: list[dict[str, Any]] = [
         {"base_url": "http://127.0.0.1:9/v1", "name": "dead", "api_keys": "sk-dead-1,sk-dead-2"},
         {"base_url": "UPSTREAM/v1", "name": "alive", "api_keys": list(upstream.behaviours)},
     ]
