@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -107,7 +108,10 @@ def serve(args: argparse.Namespace) -> int:
             workers=args.workers, log_level=args.log_level, access_log=False,
         )
         return 0
-    server = uvicorn.Server(_uvicorn_config(create_app(config), args.host, args.port, args.log_level))
+    app = create_app(config)
+    if hasattr(signal, "SIGHUP"):  # re-read `file:` key lists without a restart
+        signal.signal(signal.SIGHUP, lambda signum, frame: app.state.resources.request_reload())
+    server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
     server.run()
     return 0
 

@@ -12,7 +12,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from proxykit.config import Config, CooldownConfig, Deployment, ModelConfig, UpstreamKey
 from proxykit.routing import PRIORITIES, Priority
@@ -44,7 +44,8 @@ class KeyState:
     ttfb: float | None = None  # moving average of the time to first byte
     stride_pass: float = 0.0  # weighted strategy: advances by 1/share on each use
     version: int = 0  # bumps whenever the priority changes; older heap entries are stale
-    in_heap: bool = field(default=False)
+    in_heap: bool = False
+    retired: bool = False  # removed from its key file; may still finish requests in flight
 
     @property
     def alias(self) -> str:
@@ -88,24 +89,49 @@ class ModelKeys:
         self.model = model
         self.priority = priority
         self.clock = clock
+        self._sequence = 0
+        self._pushes = 0
+        self._build({
+            deployment.name: [KeyState(deployment, key) for key in deployment.api_keys]
+            for deployment in model.deployments
+        })
+
+    def _build(self, by_deployment: dict[str, list[KeyState]]) -> None:
         # Interleaved (d0#0, d1#0, d0#1, ...), so that among equals consecutive choices alternate
         # between deployments.
-        longest = max(len(deployment.api_keys) for deployment in model.deployments)
-        self.keys = [
-            KeyState(deployment, deployment.api_keys[i])
-            for i in range(longest) for deployment in model.deployments if i < len(deployment.api_keys)
-        ]
+        groups = list(by_deployment.values())
+        longest = max(map(len, groups), default=0)
+        self.keys = [group[i] for i in range(longest) for group in groups if i < len(group)]
+        self._weights = {
+            name: group[0].deployment.weight / len(group) for name, group in by_deployment.items() if group
+        }
         # (priority, last_used, push number, version, key): the push number keeps entries unique,
         # so the key itself is never compared.
         self._heap: list[tuple[tuple[float, ...], int, int, int, KeyState]] = []
-        self._pushes = 0
         self._resting: list[tuple[float, int, KeyState]] = []  # by `until`
-        self._sequence = 0
-        self._weights = {
-            deployment.name: deployment.weight / len(deployment.api_keys) for deployment in model.deployments
-        }
         for state in self.keys:
-            self._push(state)
+            self.changed(state)
+
+    def replace_keys(self, deployment_name: str, keys: list[UpstreamKey]) -> tuple[list[KeyState], list[KeyState]]:
+        """Swap one deployment's keys; a key that stays (same secret) keeps its state.
+        Returns the states added and the states retired."""
+        by_deployment: dict[str, list[KeyState]] = {}
+        for state in self.keys:
+            by_deployment.setdefault(state.deployment.name, []).append(state)
+        old = by_deployment.get(deployment_name, [])
+        deployment = replace(old[0].deployment, api_keys=tuple(keys))
+        kept = {state.secret: state for state in old}
+        states = []
+        for key in keys:
+            state = kept.pop(key.secret, None) or KeyState(deployment, key)
+            state.deployment, state.key = deployment, key
+            states.append(state)
+        for state in kept.values():
+            state.retired = True
+        by_deployment[deployment_name] = states
+        added = [state for state in states if state not in old]
+        self._build(by_deployment)
+        return added, list(kept.values())
 
     def choose(self, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()) -> KeyState | None:
         now = self.clock()
@@ -159,6 +185,8 @@ class ModelKeys:
 
     def changed(self, state: KeyState) -> None:
         """Re-rank a key after its priority inputs changed; a resting key waits for its wake-up."""
+        if state.retired:
+            return
         now = self.clock()
         status = state.status(now)
         if status is KeyStatus.AVAILABLE:
@@ -237,10 +265,25 @@ class KeyPool:
             self._owner[id(state)].changed(state)
         return reason
 
+    def replace_keys(self, deployment_name: str, secrets: list[str]) -> tuple[int, int]:
+        """New keys for a deployment (a re-read key file); returns (added, removed)."""
+        for keys in self.models.values():
+            if any(state.deployment.name == deployment_name for state in keys.keys):
+                upstream_keys = [UpstreamKey(f"{deployment_name}#{i}", secret) for i, secret in enumerate(secrets)]
+                added, retired = keys.replace_keys(deployment_name, upstream_keys)
+                for state in added:
+                    self._owner[id(state)] = keys
+                return len(added), len(retired)
+        raise KeyError(deployment_name)
+
     def recovered(self, state: KeyState) -> None:
         """A set-aside key passed its probe: back into rotation."""
         state.set_aside, state.until, state.reason, state.failures = False, 0.0, None, 0
         self._owner[id(state)].changed(state)
+
+    def postpone(self, state: KeyState, seconds: float) -> None:
+        """A set-aside key whose probe could not run: probe it again later."""
+        state.until = self.clock() + seconds
 
     def due_for_probe(self) -> list[KeyState]:
         now = self.clock()

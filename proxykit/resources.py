@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import AsyncIterator
@@ -15,6 +17,7 @@ import httpx
 from proxykit.config import Config
 from proxykit.keys import KeyPool
 from proxykit.transport import AiohttpTransport
+from proxykit.upkeep import PoolUpkeep
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class Resources:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
+        self.upkeep: PoolUpkeep | None = None
+        self._upkeep_task: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -62,6 +67,9 @@ class Resources:
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             trust_env=False,
         )
+        self.upkeep = PoolUpkeep(self.keys, self._client)
+        # A plain task, not a task group: the lazy open on a first request has no group to join.
+        self._upkeep_task = asyncio.get_running_loop().create_task(self.upkeep.run())
         self.state = ResourceState.OPENED
 
     async def ensure_open(self) -> None:
@@ -78,7 +86,17 @@ class Resources:
                 )
                 await self.open()
 
+    def request_reload(self) -> None:
+        """Re-read every `file:` key list soon (what SIGHUP does in `proxykit serve`)."""
+        if self.upkeep is not None:
+            self.upkeep.request_reload()
+
     async def aclose(self) -> None:
+        if self._upkeep_task is not None:
+            self._upkeep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep_task
+            self._upkeep_task = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
