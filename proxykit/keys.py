@@ -120,18 +120,19 @@ class ModelKeys:
             by_deployment.setdefault(state.deployment.name, []).append(state)
         old = by_deployment.get(deployment_name, [])
         deployment = replace(old[0].deployment, api_keys=tuple(keys))
-        kept = {state.secret: state for state in old}
+        kept: dict[str, KeyState | None] = {state.secret: state for state in old}
         states = []
         for key in keys:
             state = kept.pop(key.secret, None) or KeyState(deployment, key)
             state.deployment, state.key = deployment, key
             states.append(state)
-        for state in kept.values():
+        retired = [state for state in kept.values() if state is not None]
+        for state in retired:
             state.retired = True
         by_deployment[deployment_name] = states
         added = [state for state in states if state not in old]
         self._build(by_deployment)
-        return added, list(kept.values())
+        return added, retired
 
     def choose(self, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()) -> KeyState | None:
         now = self.clock()
