@@ -83,11 +83,16 @@ async def test_hand_composed_stack_from_the_readme() -> None:
             {**demo_config(f"{upstream_url}/v1"), "auth": {"keys": [{"name": "me", "key": "hand-key"}]}}
         )
         resources = proxykit.Resources(config)
+        limit = config.limits.max_body_bytes
         app = Starlette(
             routes=[Mount("/v1", app=proxykit.Forwarder(resources))],
             middleware=[
                 Middleware(proxykit.RequestIdMiddleware),
                 Middleware(proxykit.AuthMiddleware, keys=config.auth.keys),
+                Middleware(
+                    proxykit.RetryMiddleware, policy=proxykit.RetryPolicy.from_config(config), max_body_bytes=limit
+                ),
+                Middleware(proxykit.KeyRotationMiddleware, pool=resources.keys, max_body_bytes=limit),
             ],
             lifespan=resources.lifespan,
         )
