@@ -40,7 +40,15 @@ class Resources:
         self.config = config
         self.keys = KeyPool(config)
         self.state = ResourceState.UNOPENED
-        self._transport = transport
+        # One connection pool: the forwarder sends through the transport directly, the client
+        # (probes, and anyone embedding proxykit) wraps the same transport.
+        self.transport = transport or AiohttpTransport(max_connections=4096)
+        timeouts = config.timeouts
+        # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the
+        # longest silence between two chunks; the first-byte deadline is the forwarder's.
+        self.timeouts = httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
+        ).as_dict()
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None
@@ -54,14 +62,9 @@ class Resources:
     async def open(self) -> None:
         if self.state is ResourceState.OPENED:
             return
-        timeouts = self.config.timeouts
         self._client = httpx.AsyncClient(
-            transport=self._transport or AiohttpTransport(max_connections=4096),
-            # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the
-            # longest silence between two chunks; the first-byte deadline is the forwarder's.
-            timeout=httpx.Timeout(
-                connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
-            ),
+            transport=self.transport,
+            timeout=httpx.Timeout(**self.timeouts),
             follow_redirects=False,
             # One client serves every user: a jar that stored cookies would hand one user's to another.
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
