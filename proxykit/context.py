@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -75,4 +75,4 @@ def _incoming_or_new_id(scope: Scope) -> str:
             if _VALID_REQUEST_ID.match(text):
                 return text
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID
