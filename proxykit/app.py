@@ -22,6 +22,7 @@ from proxykit.endpoints import Endpoints
 from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound
 from proxykit.forward import Forwarder
 from proxykit.middleware.auth import AuthMiddleware
+from proxykit.middleware.metrics import MetricsMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
 from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
 from proxykit.middleware.rotation import KeyRotationMiddleware
@@ -48,6 +49,9 @@ def create_app(
     resources = Resources(config, transport=transport)
     endpoints = Endpoints(resources)
     middleware = [Middleware(RequestIdMiddleware)]
+    if resources.metrics is not None:
+        pricing = {model.name: model.pricing for model in config.models if model.pricing}
+        middleware.append(Middleware(MetricsMiddleware, metrics=resources.metrics, pricing=pricing))
     if config.auth.enabled:
         open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
         middleware.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
@@ -58,6 +62,8 @@ def create_app(
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
         Mount("/v1", app=_forwarding_stack(resources)),
     ]
+    if resources.metrics is not None:
+        routes.insert(0, Route(config.metrics.path, endpoints.metrics, methods=["GET"]))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import uvicorn
@@ -20,6 +21,7 @@ from proxykit.app import create_app
 from proxykit.config import Config, ConfigError, config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
 from proxykit.logs import configure_logging
+from proxykit.metrics import MULTIPROCESS_ENV
 
 logger = logging.getLogger("proxykit")
 
@@ -101,12 +103,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     warn_if_open(config, args.host)
     if args.workers > 1:
-        # Each worker process builds its own app from the same file.
-        os.environ[CONFIG_ENV] = os.path.abspath(path)
-        uvicorn.run(
-            "proxykit.cli:app_from_environment", factory=True, host=args.host, port=args.port,
-            workers=args.workers, log_level=args.log_level, access_log=False,
-        )
+        _serve_workers(path, args)
         return 0
     app = create_app(config)
     if hasattr(signal, "SIGHUP"):  # re-read `file:` key lists without a restart
@@ -114,6 +111,19 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
     server.run()
     return 0
+
+
+def _serve_workers(path: str, args: argparse.Namespace) -> None:
+    # Each worker process builds its own app from the same file. prometheus-client's multiprocess
+    # mode (chosen by this variable at import, in each worker) adds up every worker's metrics.
+    os.environ[CONFIG_ENV] = os.path.abspath(path)
+    os.environ["PROXYKIT_LOG_LEVEL"] = args.log_level
+    with tempfile.TemporaryDirectory(prefix="proxykit-metrics-") as metrics_dir:
+        os.environ.setdefault(MULTIPROCESS_ENV, metrics_dir)
+        uvicorn.run(
+            "proxykit.cli:app_from_environment", factory=True, host=args.host, port=args.port,
+            workers=args.workers, log_level=args.log_level, access_log=False,
+        )
 
 
 def app_from_environment() -> Starlette:

@@ -10,6 +10,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Scope
@@ -38,7 +39,14 @@ class RequestContext:
     attempt: int = 0
     attempt_started: float = 0.0
     outcome: str | None = None  # "ok", "http_429", "connect_error", ... as in the metrics contract
-    attempts: list[str] | None = None  # "alias:outcome" per upstream attempt
+    attempts: list[tuple[str, str, str]] | None = None  # (deployment, key alias, outcome) per attempt
+    served_by: str | None = None  # the model entry whose key answered: the requested one or a fallback
+    on_model: Callable[[str], None] | None = None  # told once the model is known (metrics' in-flight)
+    usage: dict[str, Any] | None = None  # the upstream's token usage, plain or streamed
+    injected_usage: bool = False  # proxykit asked a stream for usage the client did not ask for
+    sent_events: int = 0  # stream events relayed: the token estimate for a stream cut short
+    upstream_wait: float = 0.0  # seconds spent waiting on the upstream, for the overhead metric
+    backoff_wait: float = 0.0  # seconds spent waiting between attempts
     status: int | None = None  # the status sent to the client
     started: float = field(default_factory=time.perf_counter)
     ttfb: float | None = None  # seconds from `started` to the upstream's headers
@@ -46,13 +54,22 @@ class RequestContext:
     finished: bool = False  # the whole response went out
     disconnected: bool = False
 
+    def set_model(self, name: str) -> None:
+        self.model = name
+        if self.on_model is not None:
+            self.on_model(name)
+
     def record_attempt(self, outcome: str) -> None:
         self.outcome = outcome
-        entry = f"{self.key_alias or '-'}:{outcome}"
+        entry = (self.deployment or "-", self.key_alias or "-", outcome)
         if self.attempts is None:
             self.attempts = [entry]
         else:
             self.attempts.append(entry)
+
+    def attempts_header(self) -> str:
+        """`alias:outcome` per attempt, e.g. `deepseek#3:http_429,deepseek#7:ok`."""
+        return ",".join(f"{alias}:{outcome}" for _, alias, outcome in self.attempts or ())
 
 
 def ensure_context(scope: Scope) -> RequestContext:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -51,6 +52,10 @@ class Endpoints:
         ready = all(model["ready"] for model in models.values())
         return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
                             status_code=200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        assert self.resources.metrics is not None, "the route exists only when metrics are on"
+        return Response(self.resources.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
         allowed = ensure_context(request.scope).allowed_models

@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 import time
-from typing import Final
+from typing import Any
 
 import httpx
 from starlette.types import Message, Receive, Scope, Send
@@ -19,10 +19,10 @@ from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_
 from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
+from proxykit.sse import UsageEventFilter, UsageReader
 
 logger = logging.getLogger(__name__)
 
-_EVENT_STREAM: Final = b"text/event-stream"
 
 
 class Forwarder:
@@ -35,6 +35,7 @@ class Forwarder:
 
     def __init__(self, resources: Resources) -> None:
         self.resources = resources
+        self.count_usage = resources.config.metrics.enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,7 +64,8 @@ class Forwarder:
         config = self.resources.config
         await ensure_payload(scope, receive, config.limits.max_body_bytes)
         model = resolve_model(config, requested_model(ctx), ctx.allowed_models)
-        ctx.model = model.name
+        ctx.set_model(model.name)
+        ctx.served_by = model.name
         return model.name
 
     def _choose(self, model: str, ctx: RequestContext) -> None:
@@ -75,9 +77,16 @@ class Forwarder:
     def _upstream_request(self, scope: Scope, ctx: RequestContext) -> httpx.Request:
         assert ctx.key is not None and ctx.payload is not None and ctx.body is not None
         deployment, secret = ctx.key.deployment, ctx.key.secret
-        body = ctx.body
-        if deployment.model != ctx.payload["model"]:  # the upstream's id, or a fallback model's
-            body = json.dumps({**ctx.payload, "model": deployment.model}).encode()
+        payload, body = ctx.payload, ctx.body
+        changes: dict[str, Any] = {}
+        if deployment.model != payload["model"]:  # the upstream's id, or a fallback model's
+            changes["model"] = deployment.model
+        if self.count_usage and payload.get("stream") is True and not _asks_for_usage(payload):
+            # Streams carry usage only when asked; proxykit asks, and removes the extra event again.
+            changes["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+            ctx.injected_usage = True
+        if changes:
+            body = json.dumps({**payload, **changes}).encode()
         headers = upstream_headers(scope["headers"])
         headers.append(("x-request-id", ctx.request_id))
         if secret:
@@ -132,22 +141,44 @@ class Forwarder:
             raise map_httpx_error(exc) from None
         now = time.perf_counter()
         ctx.ttfb, ctx.attempt_ttfb = now - ctx.started, now - ctx.attempt_started
+        ctx.upstream_wait += ctx.attempt_ttfb
         ctx.record_attempt(_outcome(response.status_code))
         return response
 
     async def _relay(self, response: httpx.Response, ctx: RequestContext, send: Send) -> None:
         raw_headers = response.headers.raw
-        headers = downstream_headers(raw_headers, keep_length=True)
-        is_event_stream = response.headers.get("content-type", "").encode().startswith(_EVENT_STREAM)
+        is_event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+        strip_usage = UsageEventFilter() if ctx.injected_usage and is_event_stream else None
+        # Stripping an event changes the length: the body then goes out chunked.
+        headers = downstream_headers(raw_headers, keep_length=strip_usage is None)
+        reader = None
+        if self.count_usage and response.status_code < 400:
+            reader = UsageReader(event_stream=is_event_stream, encoding=response.headers.get("content-encoding"))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         ended_cleanly = True  # whether the last chunk closed its event, for the error event below
+        chunks = response.aiter_raw()  # raw bytes: no decoding, no re-chunking
         try:
-            async for chunk in response.aiter_raw():  # raw bytes: no decoding, no re-chunking
+            while True:
+                waiting_since = time.perf_counter()
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                ctx.upstream_wait += time.perf_counter() - waiting_since
+                if reader is not None:
+                    reader.feed(chunk)
+                    ctx.sent_events = reader.events
+                if strip_usage is not None and not (chunk := strip_usage(chunk)):
+                    continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 ended_cleanly = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
         except httpx.HTTPError as exc:
             await self._break_off(map_httpx_error(exc), ctx, send, is_event_stream, ended_cleanly)
             return
+        finally:
+            if reader is not None:
+                reader.finish()
+                ctx.usage = reader.usage
         ctx.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -175,6 +206,11 @@ async def _watch_disconnect(receive: Receive, ctx: RequestContext, forwarding: a
     if not ctx.finished:
         ctx.disconnected = True
         forwarding.cancel()
+
+
+def _asks_for_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 @functools.lru_cache(maxsize=1024)

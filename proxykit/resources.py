@@ -13,9 +13,11 @@ from typing import Any
 
 import anyio
 import httpx
+from prometheus_client import CollectorRegistry
 
 from proxykit.config import Config
 from proxykit.keys import KeyPool
+from proxykit.metrics import ProxyMetrics
 from proxykit.transport import AiohttpTransport
 from proxykit.upkeep import PoolUpkeep
 
@@ -49,6 +51,10 @@ class Resources:
         self.timeouts = httpx.Timeout(
             connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
         ).as_dict()
+        # Every app has its own registry: a host that mounts proxykit twice, or uses
+        # prometheus-client itself, never sees duplicate metric names.
+        self.registry = CollectorRegistry()
+        self.metrics = ProxyMetrics(self.registry, self.keys) if config.metrics.enabled else None
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None

@@ -71,7 +71,9 @@ async def serve(app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False))
+    # A bounded graceful shutdown: an app stuck in a test must fail that test, not hang the run.
+    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])

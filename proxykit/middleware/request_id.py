@@ -38,7 +38,7 @@ class RequestIdMiddleware:
                 headers = MutableHeaders(scope=message)
                 headers[self.header] = ctx.request_id
                 if ctx.attempts:
-                    headers["x-proxykit-attempts"] = ",".join(ctx.attempts)
+                    headers["x-proxykit-attempts"] = ctx.attempts_header()
             await send(message)
 
         try:
@@ -50,6 +50,6 @@ class RequestIdMiddleware:
                 logger.info(
                     "%s %s model=%s client=%s key=%s status=%s attempts=%s ttfb=%s duration=%.1fms",
                     scope["method"], scope["path"], ctx.model, ctx.client, ctx.key_alias or "-", status,
-                    ",".join(ctx.attempts or ()) or "-", ttfb, (time.perf_counter() - ctx.started) * 1000,
+                    ctx.attempts_header() or "-", ttfb, (time.perf_counter() - ctx.started) * 1000,
                 )
             request_id_var.reset(token)

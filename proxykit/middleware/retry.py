@@ -129,11 +129,13 @@ class RetryMiddleware:
             delay = self.policy.delay(attempt_number, held.start["status"], held.retry_after())
             if time.perf_counter() + delay > ctx.started + self.policy.deadline:
                 break
+            waited_from = time.perf_counter()
             await _sleep_unless_disconnected(delay, receive, ctx)
+            ctx.backoff_wait += time.perf_counter() - waited_from
             if ctx.disconnected:
                 return
         assert held is not None
-        logger.warning("retries exhausted: %s", ",".join(ctx.attempts or ()))
+        logger.warning("retries exhausted: %s", ctx.attempts_header())
         await _replay_held(held, send)
 
 

@@ -53,7 +53,8 @@ class KeyRotationMiddleware:
         except ProxyError as exc:
             await send_error(exc, scope, receive, send)
             return
-        ctx.model = model.name
+        if ctx.model != model.name:
+            ctx.set_model(model.name)
         state = self._choose(model, ctx)
         if state is None:
             ctx.no_upstream = True
@@ -77,6 +78,7 @@ class KeyRotationMiddleware:
         for name in (model.name, *model.fallbacks):
             state = self.pool.choose(name, exclude=ctx.tried, skip_deployments=ctx.skip_deployments)
             if state is not None:
+                ctx.served_by = name
                 return state
         return None
 

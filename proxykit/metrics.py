@@ -1,0 +1,79 @@
+"""Every metric proxykit exports (CONTRACT section 6), bound to the registry it is given."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from proxykit.keys import KeyPool, KeyStatus
+
+MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+TTFB_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+OVERHEAD_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class ProxyMetrics:
+    """Every metric proxykit exports, bound to the registry it is given.
+
+        metrics = ProxyMetrics(CollectorRegistry(), pool)
+        body = metrics.exposition()
+    """
+
+    def __init__(self, registry: CollectorRegistry, pool: KeyPool) -> None:
+        self.registry = registry
+        self.requests = Counter("proxykit_requests_total", "Requests answered, by status.",
+                                ["model", "client", "status"], registry=registry)
+        self.duration = Histogram("proxykit_request_duration_seconds", "Time from request to the last byte.",
+                                  ["model"], buckets=DURATION_BUCKETS, registry=registry)
+        self.ttfb = Histogram("proxykit_time_to_first_byte_seconds", "Time from request to the first body byte.",
+                              ["model"], buckets=TTFB_BUCKETS, registry=registry)
+        self.in_flight = Gauge("proxykit_in_flight_requests", "Requests in progress.", ["model"],
+                               registry=registry, multiprocess_mode="livesum")
+        self.attempts = Counter("proxykit_upstream_attempts_total", "Upstream attempts, by outcome.",
+                                ["model", "deployment", "key", "outcome"], registry=registry)
+        self.retries = Counter("proxykit_retries_total", "Attempts after the first, by the failure before.",
+                               ["model", "reason"], registry=registry)
+        self.rate_limited = Counter("proxykit_rate_limited_total", "Requests refused by a client limit.",
+                                    ["client", "limit"], registry=registry)
+        self.overhead = Histogram("proxykit_overhead_seconds", "Time spent in proxykit, upstream waits excluded.",
+                                  ["model"], buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.tokens = Counter("proxykit_tokens_total", "Tokens, as the upstream reported them.",
+                              ["model", "client", "type"], registry=registry)
+        self.cost = Counter("proxykit_cost_usd_total", "Cost from the model's pricing, in USD.",
+                            ["model", "client"], registry=registry)
+        self.key_collector = KeyAvailabilityCollector(pool)
+        registry.register(self.key_collector)
+
+    def exposition(self) -> bytes:
+        """The text format. Under `--workers N` every worker writes its numbers to shared files,
+        and any worker's scrape adds them all up."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+            combined.register(self.key_collector)  # key state is this worker's own view
+            return generate_latest(combined)
+        return generate_latest(self.registry)
+
+
+class KeyAvailabilityCollector(Collector):
+    """`proxykit_upstream_key_available`, read from the key pool at scrape time: it costs the
+    request path nothing."""
+
+    def __init__(self, pool: KeyPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("proxykit_upstream_key_available", "1 when an upstream key is usable, else 0.",
+                                  labels=["deployment", "key"])
+        now = self.pool.clock()
+        for state in self.pool.all_keys():
+            usable = state.status(now) is KeyStatus.AVAILABLE
+            gauge.add_metric([state.deployment.name, state.alias], 1.0 if usable else 0.0)
+        yield gauge

@@ -1,0 +1,122 @@
+"""Token usage read from response bodies as they pass, never holding or altering what is relayed.
+
+    reader = UsageReader(event_stream=True, encoding=None)
+    for chunk in body:
+        reader.feed(chunk)       # a look at a copy; `chunk` goes on unchanged
+    reader.finish()
+    reader.usage                 # {"prompt_tokens": ..., "completion_tokens": ..., ...} or None
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any, Final
+
+_MAX_JSON_BODY: Final = 4 * 1024 * 1024  # a plain body larger than this is not parsed for usage
+_USAGE: Final = b'"usage"'
+
+
+class UsageReader:
+    """Finds the `usage` object of an OpenAI-style response: the last `data:` event that carries
+    one in a stream, or the top-level field of a JSON body. Keeps only an unfinished line (streams)
+    or a bounded copy of the body (plain JSON)."""
+
+    def __init__(self, *, event_stream: bool, encoding: str | None) -> None:
+        self.event_stream = event_stream
+        self.usage: dict[str, Any] | None = None
+        self.events = 0  # data events seen, [DONE] excluded
+        self._line = b""
+        self._body: bytearray | None = None if event_stream else bytearray()
+        self._inflate = _decompressor(encoding)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._inflate, self._body, self.event_stream = None, None, False  # unreadable: stop looking
+                return
+        if self.event_stream:
+            self._scan_lines(chunk)
+        elif self._body is not None:
+            if len(self._body) + len(chunk) > _MAX_JSON_BODY:
+                self._body = None
+            else:
+                self._body += chunk
+
+    def finish(self) -> None:
+        if self._body:
+            try:
+                payload = json.loads(self._body)
+            except ValueError:
+                return
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                self.usage = payload["usage"]
+
+    def _scan_lines(self, chunk: bytes) -> None:
+        lines = (self._line + chunk).split(b"\n")
+        self._line = lines.pop()  # unfinished: wait for the rest
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                continue
+            self.events += 1
+            if _USAGE in data:  # parse only the few events that can carry usage
+                usage = _usage_of(data)
+                if usage is not None:
+                    self.usage = usage
+
+
+class UsageEventFilter:
+    """Removes usage-only events (`"choices": []` plus `usage`) from a stream whose client did not
+    ask for them: proxykit asked the upstream for usage itself, to count tokens.
+
+    Only whole events inside one chunk are removed, and nothing is ever held back: an event split
+    across reads passes through untouched (the SDKs accept it; it is what `include_usage` sends)."""
+
+    def __init__(self) -> None:
+        self._at_boundary = True  # the previous chunk ended an event
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if _USAGE not in chunk:
+            self._at_boundary = chunk.endswith(b"\n\n")
+            return chunk
+        parts = chunk.split(b"\n\n")
+        kept = []
+        for i, part in enumerate(parts):
+            whole = (i > 0 or self._at_boundary) and i < len(parts) - 1
+            if whole and _is_usage_only(part):
+                continue
+            kept.append(part)
+        self._at_boundary = chunk.endswith(b"\n\n")
+        return b"\n\n".join(kept)
+
+
+def _is_usage_only(event: bytes) -> bool:
+    if not event.startswith(b"data:") or _USAGE not in event:
+        return False
+    try:
+        payload = json.loads(event[5:])
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
+
+
+def _usage_of(data: bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _decompressor(encoding: str | None) -> Any:
+    if encoding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    return None

@@ -1,0 +1,214 @@
+"""Prometheus metrics: exact counts after known traffic, bounded labels, no secrets, no clashes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import prometheus_client
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxykit import DemoUpstream, create_app
+from proxykit.demo import demo_config
+from tests.conftest import (
+    CHAT,
+    CLIENT_KEY,
+    UPSTREAM_KEYS,
+    in_process,
+    make_config,
+    proxy_in_front_of,
+    proxykit_process,
+    respx_proxy,
+    serve,
+    streamed,
+    with_auth,
+)
+from tests.upstreams import GatedStream
+
+pytestmark = pytest.mark.anyio
+
+PLAIN = json.dumps({
+    "choices": [{"message": {"content": "hi"}}],
+    "usage": {"prompt_tokens": 10, "completion_tokens": 20, "completion_tokens_details": {"reasoning_tokens": 5}},
+}).encode()
+STREAM_EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\ndata: [DONE]\n\n',
+]
+SSE = {"content-type": "text/event-stream"}
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """`{sorted label pairs: value}` of one metric's samples (counters: the `_total` sample)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return sum(v for key, v in samples(text, name).items() if all((k, labels[k]) in key for k in labels))
+
+
+def priced_config() -> dict[str, Any]:
+    config = with_auth(make_config())
+    config["models"][0]["pricing"] = {"input_per_1m": 1.0, "output_per_1m": 2.0}
+    config["retry"] = {"backoff": {"initial": 0, "max": 0}}
+    return config
+
+
+async def test_counts_tokens_and_cost_after_known_traffic() -> None:
+    key = {"authorization": f"Bearer {CLIENT_KEY}"}
+    async with respx_proxy(priced_config()) as (router, client):
+        route = router.post("/chat/completions")
+        route.side_effect = lambda request: (
+            streamed(200, *STREAM_EVENTS, headers=SSE) if json.loads(request.content).get("stream")
+            else streamed(200, PLAIN, headers={"content-type": "application/json"})
+        )
+        for _ in range(3):
+            assert (await client.post("/v1/chat/completions", json=CHAT, headers=key)).status_code == 200
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=key)).status_code == 200
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=key)).status_code == 404
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 401
+        text = (await client.get("/metrics")).text
+    assert value(text, "proxykit_requests_total", model="chat", client="team-a", status="200") == 4
+    assert value(text, "proxykit_requests_total", model="unknown", client="team-a", status="404") == 1
+    assert value(text, "proxykit_requests_total", model="unknown", client="anonymous", status="401") == 1
+    assert value(text, "proxykit_tokens_total", model="chat", type="prompt") == 3 * 10 + 7
+    assert value(text, "proxykit_tokens_total", model="chat", type="completion") == 3 * 20 + 2
+    assert value(text, "proxykit_tokens_total", model="chat", type="reasoning") == 3 * 5
+    assert value(text, "proxykit_cost_usd_total", model="chat", client="team-a") == pytest.approx(
+        (37 * 1.0 + 62 * 2.0) / 1e6)
+    assert value(text, "proxykit_upstream_attempts_total", deployment="chat", outcome="ok") == 4
+    assert value(text, "proxykit_request_duration_seconds_count", model="chat") == 4
+    assert value(text, "proxykit_overhead_seconds_count", model="chat") == 4
+    assert value(text, "proxykit_time_to_first_byte_seconds_count", model="chat") == 4
+    assert value(text, "proxykit_in_flight_requests") == 1  # the scrape itself
+    assert samples(text, "proxykit_upstream_key_available") == {
+        (("deployment", "chat"), ("key", "chat#0")): 1.0, (("deployment", "chat"), ("key", "chat#1")): 1.0}
+
+
+async def test_retries_and_attempts_are_counted_by_reason_and_key() -> None:
+    async with respx_proxy(priced_config()) as (router, client):
+        replies = iter([streamed(429, b"{}", headers={"retry-after": "9"}), streamed(200, PLAIN)])
+        router.post("/chat/completions").mock(side_effect=lambda request: next(replies))
+        await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": CLIENT_KEY})
+        text = (await client.get("/metrics")).text
+    assert value(text, "proxykit_upstream_attempts_total", key="chat#0", outcome="http_429") == 1
+    assert value(text, "proxykit_upstream_attempts_total", key="chat#1", outcome="ok") == 1
+    assert value(text, "proxykit_retries_total", model="chat", reason="http_429") == 1
+    assert samples(text, "proxykit_upstream_key_available")[(("deployment", "chat"), ("key", "chat#0"))] == 0.0
+
+
+async def test_injected_usage_event_is_counted_but_never_reaches_a_client_that_did_not_ask() -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, *STREAM_EVENTS, headers=SSE))
+        plain = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        asked = await client.post("/v1/chat/completions", json={
+            **CHAT, "stream": True, "stream_options": {"include_usage": True}})
+        text = (await client.get("/metrics")).text
+    first, second = (json.loads(call.request.content) for call in route.calls)
+    assert first["stream_options"] == {"include_usage": True}  # proxykit asked for it
+    assert plain.content == STREAM_EVENTS[0] + STREAM_EVENTS[1] + b"data: [DONE]\n\n"
+    assert asked.content == b"".join(STREAM_EVENTS)  # the client asked: it gets exactly what came
+    assert second["stream_options"] == {"include_usage": True}
+    assert value(text, "proxykit_tokens_total", type="completion") == 4
+
+
+async def test_gzip_upstream_usage_is_counted_and_the_bytes_stay_compressed() -> None:
+    compressed = gzip.compress(PLAIN)
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    async with respx_proxy(make_config()) as (router, client):
+        router.post("/chat/completions").mock(side_effect=lambda request: streamed(
+            200, compressed[:10], compressed[10:], headers=headers))
+        response = await client.post("/v1/chat/completions", json=CHAT, headers={"accept-encoding": "gzip"})
+        text = (await client.get("/metrics")).text
+    assert response.json() == json.loads(PLAIN)  # httpx decoded what came through compressed
+    assert response.headers["content-encoding"] == "gzip"
+    assert value(text, "proxykit_tokens_total", type="prompt") == 10
+
+
+async def test_abandoned_stream_counts_as_499_with_what_was_sent() -> None:
+    upstream = GatedStream(events=3)
+    async with proxy_in_front_of(upstream) as url, httpx.AsyncClient() as client:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+            upstream.release(0)
+            upstream.release(1)
+            received = b""
+            with anyio.fail_after(5):
+                async for chunk in response.aiter_raw():
+                    received += chunk
+                    if received.count(b"\n\n") == 2:
+                        break
+        with anyio.fail_after(5):
+            while True:
+                text = (await client.get(f"{url}/metrics")).text
+                if value(text, "proxykit_requests_total", status="499"):
+                    break
+                await anyio.sleep(0.05)
+        upstream.release(2)  # let the upstream app finish, so its server can stop
+        upstream.release(3)
+    assert value(text, "proxykit_requests_total", model="chat", status="499") == 1
+    assert value(text, "proxykit_tokens_total", model="chat", type="completion") == 2
+
+
+async def test_no_label_or_value_carries_any_part_of_a_key() -> None:
+    async with respx_proxy(priced_config()) as (router, client):
+        router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, PLAIN))
+        await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": CLIENT_KEY})
+        await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "pk-guessed-secret-zzzz"})
+        text = (await client.get("/metrics")).text
+    for secret in (*UPSTREAM_KEYS, CLIENT_KEY, "pk-guessed-secret-zzzz"):
+        for start in range(0, len(secret) - 10):  # any 10 characters of a key
+            assert secret[start:start + 10] not in text
+
+
+async def test_label_cardinality_stays_fixed_whatever_models_clients_name() -> None:
+    async with respx_proxy(make_config()) as (_, client):
+        await client.post("/v1/chat/completions", json={**CHAT, "model": "warm-up"})
+        await client.get("/metrics")  # a scrape is a request too: its own series exists from now on
+        before = len((await client.get("/metrics")).text.splitlines())
+        for i in range(1000):
+            await client.post(f"/v1/chat/completions/{i}", json={**CHAT, "model": f"made-up-{i}"})
+        after = (await client.get("/metrics")).text
+    assert "made-up" not in after
+    assert len(after.splitlines()) == before
+
+
+async def test_two_apps_in_one_process_do_not_clash() -> None:
+    first, second = create_app(make_config()), create_app(make_config())
+    async with in_process(first) as one, in_process(second) as two:
+        assert (await one.get("/metrics")).status_code == 200
+        assert (await two.get("/metrics")).status_code == 200
+    names = {metric.name for metric in prometheus_client.REGISTRY.collect()}
+    assert not any(name.startswith("proxykit") for name in names)  # nothing on the global registry
+
+
+async def test_metrics_can_be_turned_off() -> None:
+    async with in_process(create_app(make_config(metrics={"enabled": False}))) as client:
+        response = await client.get("/metrics")
+    assert response.status_code == 404
+
+
+async def test_workers_report_totals_across_processes(tmp_path: Path) -> None:
+    async with serve(DemoUpstream(delay=0), lifespan="off") as upstream_url:
+        path = tmp_path / "proxykit.yaml"
+        path.write_text(yaml.safe_dump(demo_config(f"{upstream_url}/v1")))
+        async with proxykit_process(tmp_path, "--config", str(path), "--workers", "2") as proxy:
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                for _ in range(20):
+                    response = await client.post("/v1/chat/completions", json={
+                        "model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]})
+                    assert response.status_code == 200
+                scraped = [value((await client.get("/metrics")).text, "proxykit_requests_total", model="demo-chat")
+                           for _ in range(4)]
+    assert scraped == [20.0] * 4  # whichever worker answers the scrape
