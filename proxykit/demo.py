@@ -18,13 +18,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-DEMO_MODELS: Final = ("demo-chat", "demo-reasoner", "demo-embed")
+DEMO_MODELS: Final = ("demo-chat", "demo-reasoner", "demo-embed", "demo-flaky")
+RATE_LIMITED_KEY: Final = "demo-upstream-key-429"  # always answered with 429: shows key rotation
 CREATED: Final = 1_700_000_000  # fixed, so that replies are byte-for-byte repeatable
 
 
 class DemoUpstream:
     """The demo upstream as an ASGI app. Models whose name contains "reason" also send
-    `reasoning_content`; a request with `tools` gets a call to the first tool."""
+    `reasoning_content`; a request with `tools` gets a call to the first tool; a request made
+    with the key `demo-upstream-key-429` gets a 429, as a provider's exhausted key would."""
 
     def __init__(self, *, delay: float = 0.05) -> None:
         self.delay = delay
@@ -39,6 +41,9 @@ class DemoUpstream:
         await self.app(scope, receive, send)
 
     async def chat(self, request: Request) -> Response:
+        if request.headers.get("authorization", "").endswith(RATE_LIMITED_KEY):
+            error = {"message": "rate limit reached for this key", "type": "requests", "code": "rate_limit_exceeded"}
+            return JSONResponse({"error": error}, status_code=429, headers={"retry-after": "30"})
         body = await _json(request)
         if isinstance(body, Response):
             return body
@@ -217,10 +222,10 @@ def _vector(text: str, size: int) -> list[float]:
 def demo_config(base_url: str) -> dict[str, Any]:
     """A config that puts every demo model in front of the demo upstream at `base_url`."""
     keys = ["demo-upstream-key-0", "demo-upstream-key-1"]
-    return {
-        "models": [
-            {"name": name, "deployments": [{"base_url": base_url, "api_keys": keys, "max_tokens": 4096}],
-             "pricing": {"input_per_1m": 0.1, "output_per_1m": 0.4}}
-            for name in DEMO_MODELS
-        ],
-    }
+    models = [
+        {"name": name, "deployments": [{"base_url": base_url, "api_keys": keys, "max_tokens": 4096}],
+         "pricing": {"input_per_1m": 0.1, "output_per_1m": 0.4}}
+        for name in DEMO_MODELS
+    ]
+    models[-1]["deployments"][0]["api_keys"] = [RATE_LIMITED_KEY, *keys]  # demo-flaky
+    return {"models": models, "retry": {"backoff": {"initial": 0.05, "max": 1.0}}}

@@ -48,3 +48,19 @@ async def test_bad_json_is_a_400() -> None:
     async with client() as http:
         response = await http.post("/v1/chat/completions", content=b"[")
     assert response.status_code == 400
+
+
+async def test_demo_flaky_model_rotates_past_its_rate_limited_key() -> None:
+    from proxykit import create_app
+    from proxykit.demo import demo_config
+    from tests.conftest import serve
+
+    async with serve(DemoUpstream(delay=0), lifespan="off") as upstream_url:
+        proxy = create_app(demo_config(f"{upstream_url}/v1"))
+        async with serve(proxy) as url, httpx.AsyncClient(base_url=url) as http:
+            body = {"model": "demo-flaky", "messages": [{"role": "user", "content": "x"}]}
+            first = await http.post("/v1/chat/completions", json=body)
+            second = await http.post("/v1/chat/completions", json=body)
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-proxykit-attempts"] == "demo-flaky#0:http_429,demo-flaky#1:ok"
+    assert second.headers["x-proxykit-attempts"] == "demo-flaky#2:ok"  # the 429 key rests

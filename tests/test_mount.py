@@ -40,7 +40,7 @@ async def test_mounted_without_lifespan_wiring_opens_on_first_request(caplog: py
         await proxy.state.resources.aclose()
     assert first.status_code == second.status_code == 200
     assert "You said: mounted" in first.json()["choices"][0]["message"]["content"]
-    assert [m["id"] for m in models.json()["data"]] == ["demo-chat", "demo-reasoner", "demo-embed"]
+    assert [m["id"] for m in models.json()["data"]] == ["demo-chat", "demo-reasoner", "demo-embed", "demo-flaky"]
     assert own.text == "host route"
     warnings = [r for r in caplog.records if "lifespan" in r.getMessage()]
     assert len(warnings) == 1  # once, not once a request
