@@ -222,10 +222,11 @@ def _vector(text: str, size: int) -> list[float]:
 def demo_config(base_url: str) -> dict[str, Any]:
     """A config that puts every demo model in front of the demo upstream at `base_url`."""
     keys = ["demo-upstream-key-0", "demo-upstream-key-1"]
-    models = [
-        {"name": name, "deployments": [{"base_url": base_url, "api_keys": keys, "max_tokens": 4096}],
-         "pricing": {"input_per_1m": 0.1, "output_per_1m": 0.4}}
+    models: list[dict[str, Any]] = [
+        {"name": name, "pricing": {"input_per_1m": 0.1, "output_per_1m": 0.4}, "deployments": [{
+            "base_url": base_url, "max_tokens": 4096,
+            "api_keys": [RATE_LIMITED_KEY, *keys] if name == "demo-flaky" else keys,
+        }]}
         for name in DEMO_MODELS
     ]
-    models[-1]["deployments"][0]["api_keys"] = [RATE_LIMITED_KEY, *keys]  # demo-flaky
     return {"models": models, "retry": {"backoff": {"initial": 0.05, "max": 1.0}}}
