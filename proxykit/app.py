@@ -23,6 +23,7 @@ from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNo
 from proxykit.forward import Forwarder
 from proxykit.middleware.auth import AuthMiddleware
 from proxykit.middleware.metrics import MetricsMiddleware
+from proxykit.middleware.ratelimit import ClientLimits, RateLimitMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
 from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
 from proxykit.middleware.rotation import KeyRotationMiddleware
@@ -75,13 +76,19 @@ def create_app(
 
 
 def _forwarding_stack(resources: Resources) -> ASGIApp:
-    """Retry → KeyRotation → Forwarder: only forwarded requests pass through these layers, and
-    rotation sits inside retry so each attempt gets a fresh key whose outcome is recorded first."""
+    """RateLimit → Retry → KeyRotation → Forwarder: only forwarded requests pass through these
+    layers, and rotation sits inside retry so each attempt gets a fresh key whose outcome is
+    recorded first."""
     config = resources.config
     body_limit = config.limits.max_body_bytes
     app: ASGIApp = Forwarder(resources)
-    app = KeyRotationMiddleware(app, pool=resources.keys, max_body_bytes=body_limit)
-    return RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
+    app = KeyRotationMiddleware(
+        app, pool=resources.keys, max_body_bytes=body_limit, queue_timeout=config.limits.queue_timeout
+    )
+    app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
+    if limits := ClientLimits.by_client(config.auth.keys):  # before any upstream attempt is spent
+        app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
+    return app
 
 
 def _as_config(config: Config | dict[str, Any] | str | os.PathLike[str]) -> Config:

@@ -126,6 +126,7 @@ class TimeoutConfig:
 class LimitsConfig:
     max_body_bytes: int = 20_000_000
     backend: str = "memory"
+    queue_timeout: float = 5.0  # how long a request waits for an upstream key at its rpm/tpm to make room
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may carry a password
 
 
@@ -476,7 +477,7 @@ class _Reader:
         )
 
     def limits(self, raw: Any) -> LimitsConfig:
-        entry = self.mapping(raw, "limits", ("max_body_bytes", "backend", "redis_url"))
+        entry = self.mapping(raw, "limits", ("max_body_bytes", "backend", "redis_url", "queue_timeout"))
         size = self.number(entry["max_body_bytes"], "limits.max_body_bytes", int, minimum=1) \
             if entry.get("max_body_bytes") is not None else None
         redis_url = self.string(entry.get("redis_url"), "limits.redis_url")
@@ -485,6 +486,9 @@ class _Reader:
             limits = replace(limits, max_body_bytes=size)
         if redis_url:
             limits = replace(limits, redis_url=redis_url)
+        if entry.get("queue_timeout") is not None:
+            queue = self.number(entry["queue_timeout"], "limits.queue_timeout", float)
+            limits = limits if queue is None else replace(limits, queue_timeout=queue)
         return limits
 
     def metrics(self, raw: Any) -> MetricsConfig:

@@ -36,6 +36,7 @@ class RequestContext:
     tried: list[KeyState] = field(default_factory=list)  # keys this request has used
     skip_deployments: set[str] = field(default_factory=set)  # deployments that failed to connect
     no_upstream: bool = False  # the current attempt found no key to use
+    rate_limited: str | None = None  # "rpm" or "tpm" when a client limit refused the request
     attempt: int = 0
     attempt_started: float = 0.0
     outcome: str | None = None  # "ok", "http_429", "connect_error", ... as in the metrics contract

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from proxykit.config import Config
 from proxykit.keys import KeyPool
 from proxykit.metrics import ProxyMetrics
+from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
 from proxykit.transport import AiohttpTransport
 from proxykit.upkeep import PoolUpkeep
 
@@ -55,6 +56,7 @@ class Resources:
         # prometheus-client itself, never sees duplicate metric names.
         self.registry = CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry, self.keys) if config.metrics.enabled else None
+        self.limiter: RateLimiter = MemoryRateLimiter()
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None

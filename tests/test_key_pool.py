@@ -87,7 +87,7 @@ async def test_round_robin_is_exactly_even() -> None:
 async def test_usage_based_keeps_every_key_under_its_rpm() -> None:
     upstream = KeyedUpstream(keys("ok", "ok", "ok"))
     deployment = {"base_url": "UPSTREAM/v1", "api_keys": list(upstream.behaviours), "rpm": 5}
-    async with keyed_proxy(upstream, deployments=[deployment]) as client:
+    async with keyed_proxy(upstream, deployments=[deployment], limits={"queue_timeout": 0}) as client:
         responses = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(20)]
     statuses = [r.status_code for r in responses]
     assert statuses == [200] * 15 + [503] * 5

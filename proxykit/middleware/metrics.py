@@ -65,6 +65,8 @@ class MetricsMiddleware:
         if first_byte_at is not None:
             metrics.ttfb.labels(model).observe(first_byte_at - ctx.started)
         metrics.overhead.labels(model).observe(max(0.0, duration - ctx.upstream_wait - ctx.backoff_wait))
+        if ctx.rate_limited:
+            metrics.rate_limited.labels(client, ctx.rate_limited).inc()
         previous = None
         for deployment, alias, outcome in ctx.attempts or ():
             metrics.attempts.labels(model, deployment, alias, outcome).inc()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxykit.body import ClientDisconnected, ensure_payload, requested_model
@@ -34,10 +36,11 @@ class KeyRotationMiddleware:
         Middleware(KeyRotationMiddleware, pool=KeyPool(config), max_body_bytes=20_000_000)
     """
 
-    def __init__(self, app: ASGIApp, *, pool: KeyPool, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, pool: KeyPool, max_body_bytes: int, queue_timeout: float = 0.0) -> None:
         self.app = app
         self.pool = pool
         self.max_body_bytes = max_body_bytes
+        self.queue_timeout = queue_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,6 +59,10 @@ class KeyRotationMiddleware:
         if ctx.model != model.name:
             ctx.set_model(model.name)
         state = self._choose(model, ctx)
+        if state is None and not ctx.tried and self.queue_timeout > 0:
+            state = await self._wait_for_room(model, ctx, receive)
+        if ctx.disconnected:
+            return
         if state is None:
             ctx.no_upstream = True
             await send_error(_no_upstream(self.pool.why_none(model.name)), scope, receive, send)
@@ -79,6 +86,23 @@ class KeyRotationMiddleware:
             state = self.pool.choose(name, exclude=ctx.tried, skip_deployments=ctx.skip_deployments)
             if state is not None:
                 ctx.served_by = name
+                return state
+        return None
+
+    async def _wait_for_room(self, model: ModelConfig, ctx: RequestContext, receive: Receive) -> KeyState | None:
+        """Every key is at its rpm/tpm: wait up to `queue_timeout` for one to make room. Resting
+        keys are not waited for, and a client that leaves stops waiting."""
+        deadline = time.monotonic() + self.queue_timeout
+        while (why := self.pool.why_none(model.name)).reasons == ("full",):
+            wait = min(why.retry_after, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            with anyio.move_on_after(wait + 0.001):
+                while (await receive())["type"] != "http.disconnect":
+                    pass  # a replayed copy of the body
+                ctx.disconnected = True
+                return None
+            if (state := self._choose(model, ctx)) is not None:
                 return state
         return None
 

@@ -1,0 +1,134 @@
+"""Client rate limits: each client key's `rpm` and `tpm`, checked before any upstream attempt."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxykit.body import ClientDisconnected, ensure_body
+from proxykit.config import ClientKey
+from proxykit.context import RequestContext, ensure_context
+from proxykit.errors import ProxyError, RateLimitExceeded, send_error
+from proxykit.ratelimit import Admission, RateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+
+    @classmethod
+    def by_client(cls, keys: tuple[ClientKey, ...]) -> dict[str, ClientLimits]:
+        return {key.name: cls(key.rpm, key.tpm) for key in keys if key.rpm or key.tpm}
+
+
+class RateLimitMiddleware:
+    """Refuses with 429 `rate_limit_exceeded` (and `Retry-After`) a client over its `rpm` or `tpm`,
+    and puts OpenAI's `x-ratelimit-*` headers on every response of a limited client. Tokens are
+    reserved as an estimate (prompt bytes / 4, plus `max_tokens` when given) and settled with
+    the upstream's real usage when the response ends.
+
+        Middleware(RateLimitMiddleware, limits={"team-a": ClientLimits(rpm=600)},
+                   limiter=MemoryRateLimiter(), max_body_bytes=20_000_000)
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, limits: Mapping[str, ClientLimits], limiter: RateLimiter, max_body_bytes: int
+    ) -> None:
+        self.app = app
+        self.limits = dict(limits)
+        self.limiter = limiter
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = ensure_context(scope) if scope["type"] == "http" else None
+        limits = self.limits.get(ctx.client) if ctx is not None else None
+        if ctx is None or limits is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await ensure_body(scope, receive, self.max_body_bytes)
+            admissions, estimate = await self._admit(ctx, limits, body)
+        except ClientDisconnected:
+            ctx.disconnected = True
+            return
+        except ProxyError as exc:
+            await send_error(exc, scope, receive, send)
+            return
+        headers = _headers(admissions)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(headers)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if limits.tpm:
+                await self.limiter.settle(_bucket(ctx, "tpm"), _tokens_used(ctx, estimate) - estimate, limit=limits.tpm)
+
+    async def _admit(self, ctx: RequestContext, limits: ClientLimits, body: bytes) -> tuple[dict[str, Admission], int]:
+        admissions: dict[str, Admission] = {}
+        estimate = _estimate(ctx, body) if limits.tpm else 0
+        if limits.rpm:
+            admissions["requests"] = await self.limiter.admit(_bucket(ctx, "rpm"), 1, limit=limits.rpm)
+            if not admissions["requests"].allowed:
+                raise _refusal(ctx, "rpm", admissions)
+        if limits.tpm:
+            admissions["tokens"] = await self.limiter.admit(_bucket(ctx, "tpm"), estimate, limit=limits.tpm)
+            if not admissions["tokens"].allowed:
+                if limits.rpm:  # this request will not run: give its request back
+                    await self.limiter.settle(_bucket(ctx, "rpm"), -1, limit=limits.rpm)
+                raise _refusal(ctx, "tpm", admissions)
+        return admissions, estimate
+
+
+def _bucket(ctx: RequestContext, limit: str) -> str:
+    return f"client:{ctx.client}:{limit}"
+
+
+def _estimate(ctx: RequestContext, body: bytes) -> int:
+    payload = ctx.payload or {}
+    for name in ("max_completion_tokens", "max_tokens"):
+        if isinstance(payload.get(name), int) and payload[name] > 0:
+            return len(body) // 4 + int(payload[name])
+    return len(body) // 4 + 1
+
+
+def _tokens_used(ctx: RequestContext, estimate: int) -> int:
+    usage = ctx.usage
+    if usage:
+        total = usage.get("total_tokens")
+        if isinstance(total, int):
+            return total
+        return sum(value for key in ("prompt_tokens", "completion_tokens") if isinstance(value := usage.get(key), int))
+    if ctx.disconnected and ctx.sent_events:
+        return len(ctx.body or b"") // 4 + ctx.sent_events  # what the abandoned stream used
+    if ctx.outcome != "ok":
+        return 0  # no upstream answer worth tokens
+    return estimate  # an upstream that reports no usage: keep the reservation
+
+
+def _refusal(ctx: RequestContext, limit: str, admissions: dict[str, Admission]) -> RateLimitExceeded:
+    ctx.rate_limited = limit
+    refused = admissions["requests" if limit == "rpm" else "tokens"]
+    wait = max(1, math.ceil(refused.retry_after))
+    message = (
+        f"rate limit reached for {ctx.client}: {refused.limit} {'requests' if limit == 'rpm' else 'tokens'} "
+        f"per minute; retry in {wait} s"
+    )
+    return RateLimitExceeded(message, headers={"retry-after": str(wait), **_headers(admissions)})
+
+
+def _headers(admissions: dict[str, Admission]) -> dict[str, str]:
+    headers = {}
+    for kind, admission in admissions.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(admission.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(admission.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = f"{admission.reset:.3f}".rstrip("0").rstrip(".") + "s"
+    return headers

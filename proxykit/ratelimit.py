@@ -1,0 +1,72 @@
+"""Rate limits as token buckets, with aiolimiter's semantics: a burst of up to `limit` is admitted
+at once, then `limit / 60` a second. Kept as GCRA ("the time the bucket would be empty"), which
+is one number a bucket, so a Redis backend can run the same arithmetic atomically.
+
+aiolimiter itself is not used: it can neither tell how much is left (for the `x-ratelimit-*`
+headers), nor give back an unused token reservation, nor charge past capacity without blocking.
+
+    limiter = MemoryRateLimiter()
+    admission = await limiter.admit("client:team-a:rpm", 1, limit=600)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+WINDOW: Final = 60.0  # limits are per minute
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    allowed: bool
+    limit: int
+    remaining: int  # what fits now, after this admission
+    retry_after: float  # seconds until this amount would fit (0 when allowed)
+    reset: float  # seconds until the bucket is full again
+
+
+class RateLimiter(Protocol):
+    """Where buckets live: this process (memory) or shared by every replica (Redis)."""
+
+    async def admit(self, key: str, amount: float, *, limit: int) -> Admission:
+        """Take `amount` from the bucket if it fits, atomically."""
+
+    async def settle(self, key: str, amount: float, *, limit: int) -> None:
+        """Charge (positive) or give back (negative) `amount` without checking the limit."""
+
+
+def gcra(tat: float, now: float, amount: float, limit: int) -> tuple[float, Admission]:
+    """The new "empty at" time and the verdict, for a bucket last empty at `tat`."""
+    interval = WINDOW / limit
+    base = max(tat, now)
+    new_tat = base + amount * interval
+    if new_tat - now > WINDOW + 1e-9:
+        remaining = max(0, math.floor((WINDOW - (base - now)) / interval))
+        return tat, Admission(False, limit, remaining, new_tat - now - WINDOW, base - now)
+    remaining = max(0, math.floor((WINDOW - (new_tat - now)) / interval + 1e-9))
+    return new_tat, Admission(True, limit, remaining, 0.0, new_tat - now)
+
+
+def settled(tat: float, now: float, amount: float, limit: int) -> float:
+    return max(now, max(tat, now) + amount * WINDOW / limit)
+
+
+class MemoryRateLimiter:
+    """Buckets in this process: exact within it; with N replicas each admits its own `limit`."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._tat: dict[str, float] = {}
+
+    async def admit(self, key: str, amount: float, *, limit: int) -> Admission:
+        now = self.clock()
+        self._tat[key], admission = gcra(self._tat.get(key, now), now, amount, limit)
+        return admission
+
+    async def settle(self, key: str, amount: float, *, limit: int) -> None:
+        now = self.clock()
+        self._tat[key] = settled(self._tat.get(key, now), now, amount, limit)
