@@ -223,6 +223,7 @@ class KeyPool:
         priority = PRIORITIES[config.routing.strategy]
         self.models = {model.name: ModelKeys(model, priority, clock) for model in config.models}
         self._owner = {id(state): keys for keys in self.models.values() for state in keys.keys}
+        self.on_rest: Callable[[KeyState], None] | None = None  # told when a key rests or is set aside
 
     def choose(
         self, model: str, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()
@@ -264,7 +265,17 @@ class KeyPool:
         if reason:
             state.reason = reason
             self._owner[id(state)].changed(state)
+            if self.on_rest is not None:
+                self.on_rest(state)
         return reason
+
+    def rest_until(self, state: KeyState, until: float, *, reason: str | None, set_aside: bool) -> None:
+        """A rest decided elsewhere (another replica): applied when it ends later than ours."""
+        if until <= state.until and (state.set_aside or not set_aside):
+            return
+        state.until, state.reason = max(until, state.until), reason or state.reason
+        state.set_aside = state.set_aside or set_aside
+        self._owner[id(state)].changed(state)
 
     def replace_keys(self, deployment_name: str, secrets: list[str]) -> tuple[int, int]:
         """New keys for a deployment (a re-read key file); returns (added, removed)."""

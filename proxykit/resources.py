@@ -16,9 +16,10 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from proxykit.config import Config
-from proxykit.keys import KeyPool
+from proxykit.keys import KeyPool, KeyState
 from proxykit.metrics import ProxyMetrics
 from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
+from proxykit.redis_backend import RedisConnection, RedisRateLimiter, SharedKeyStates
 from proxykit.transport import AiohttpTransport
 from proxykit.upkeep import PoolUpkeep
 
@@ -57,6 +58,14 @@ class Resources:
         self.registry = CollectorRegistry()
         self.metrics = ProxyMetrics(self.registry, self.keys) if config.metrics.enabled else None
         self.limiter: RateLimiter = MemoryRateLimiter()
+        self.redis: RedisConnection | None = None
+        self.shared_keys: SharedKeyStates | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
+        if config.limits.backend == "redis":
+            self.redis = RedisConnection(config.limits.redis_url)
+            self.limiter = RedisRateLimiter(self.redis)
+            self.shared_keys = SharedKeyStates(self.redis, self.keys)
+            self.keys.on_rest = self._publish_rest
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None
@@ -78,7 +87,7 @@ class Resources:
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             trust_env=False,
         )
-        self.upkeep = PoolUpkeep(self.keys, self._client)
+        self.upkeep = PoolUpkeep(self.keys, self._client, shared=self.shared_keys)
         # A plain task, not a task group: the lazy open on a first request has no group to join.
         self._upkeep_task = asyncio.get_running_loop().create_task(self.upkeep.run())
         self.state = ResourceState.OPENED
@@ -97,6 +106,12 @@ class Resources:
                 )
                 await self.open()
 
+    def _publish_rest(self, state: KeyState) -> None:
+        assert self.shared_keys is not None
+        task = asyncio.get_running_loop().create_task(self.shared_keys.publish(state))
+        self._publishing.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._publishing.discard)
+
     def request_reload(self) -> None:
         """Re-read every `file:` key list soon (what SIGHUP does in `proxykit serve`)."""
         if self.upkeep is not None:
@@ -111,6 +126,8 @@ class Resources:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self.redis is not None:
+            await self.redis.aclose()
         self.state = ResourceState.CLOSED
 
     @asynccontextmanager

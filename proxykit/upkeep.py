@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import httpx
 
 from proxykit.config import read_key_file
 from proxykit.keys import KeyPool, KeyState
+
+if TYPE_CHECKING:
+    from proxykit.redis_backend import SharedKeyStates
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +30,13 @@ class PoolUpkeep:
         task_group.start_soon(upkeep.run)
     """
 
-    def __init__(self, pool: KeyPool, client: httpx.AsyncClient, *, interval: float = 1.0) -> None:
+    def __init__(
+        self, pool: KeyPool, client: httpx.AsyncClient, *, interval: float = 1.0, shared: SharedKeyStates | None = None
+    ) -> None:
         self.pool = pool
         self.client = client
         self.interval = interval
+        self.shared = shared  # rests published by other replicas, with `limits.backend: redis`
         self._reload_requested = False
         self._files = {
             deployment.name: (deployment.keys_file, _mtime(deployment.keys_file))
@@ -45,6 +51,8 @@ class PoolUpkeep:
         while True:
             await anyio.sleep(self.interval)
             self.reload_changed_files()
+            if self.shared is not None:
+                await self.shared.sync()
             for state in self.pool.due_for_probe():
                 await self.probe(state)
 
