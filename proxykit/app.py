@@ -83,7 +83,8 @@ def _forwarding_stack(resources: Resources) -> ASGIApp:
     body_limit = config.limits.max_body_bytes
     app: ASGIApp = Forwarder(resources)
     app = KeyRotationMiddleware(
-        app, pool=resources.keys, max_body_bytes=body_limit, queue_timeout=config.limits.queue_timeout
+        app, pool=resources.keys, max_body_bytes=body_limit, queue_timeout=config.limits.queue_timeout,
+        shared_limiter=resources.limiter if resources.redis is not None else None,
     )
     app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
     if limits := ClientLimits.by_client(config.auth.keys):  # before any upstream attempt is spent

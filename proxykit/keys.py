@@ -269,6 +269,12 @@ class KeyPool:
                 self.on_rest(state)
         return reason
 
+    def mark_full(self, state: KeyState, seconds: float) -> None:
+        """The key's shared bucket is full for `seconds`: no choice here until then either."""
+        now = self.clock()
+        state.request_tat = max(state.request_tat, now + seconds + 60.0 - _interval(state.deployment.rpm))
+        self._owner[id(state)].changed(state)
+
     def rest_until(self, state: KeyState, until: float, *, reason: str | None, set_aside: bool) -> None:
         """A rest decided elsewhere (another replica): applied when it ends later than ours."""
         if until <= state.until and (state.set_aside or not set_aside):

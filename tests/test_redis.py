@@ -129,3 +129,23 @@ async def test_killing_redis_mid_run_loses_no_request(tmp_path: Path) -> None:
     assert statuses == [200] * 30
     assert proxy.output.count("Redis is unavailable") == 1
     assert "Traceback" not in proxy.output
+
+
+@needs_redis
+async def test_upstream_key_rpm_is_one_limit_across_processes(tmp_path: Path) -> None:
+    upstream = KeyedUpstream({"k0": "ok", "k1": "ok"})
+    with redis_server(tmp_path) as (redis_url, _):
+        async with serve(upstream, lifespan="off") as upstream_url, AsyncExitStack() as stack:
+            config = write_config(tmp_path, upstream_url, redis_url, auth=None, limits={
+                "backend": "redis", "redis_url": redis_url, "queue_timeout": 0})
+            raw = yaml.safe_load(config.read_text())
+            del raw["auth"]
+            raw["models"][0]["deployments"][0]["rpm"] = 2
+            config.write_text(yaml.safe_dump(raw))
+            proxies = await two_proxies(stack, tmp_path, config)
+            async with httpx.AsyncClient() as client:
+                statuses = [(await client.post(f"{proxies[i % 2].url}/v1/chat/completions", json=CHAT)).status_code
+                            for i in range(8)]
+    assert statuses.count(200) == 4  # 2 keys x 2 rpm, whichever process asked
+    assert set(statuses) == {200, 503}
+    assert dict(upstream.calls) == {"k0": 2, "k1": 2}

@@ -14,6 +14,7 @@ from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import NoUpstreamAvailable, ProxyError, send_error
 from proxykit.keys import KeyPool, KeyState, NoKey
+from proxykit.ratelimit import RateLimiter
 from proxykit.routing import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,16 @@ class KeyRotationMiddleware:
         Middleware(KeyRotationMiddleware, pool=KeyPool(config), max_body_bytes=20_000_000)
     """
 
-    def __init__(self, app: ASGIApp, *, pool: KeyPool, max_body_bytes: int, queue_timeout: float = 0.0) -> None:
+    def __init__(
+        self, app: ASGIApp, *, pool: KeyPool, max_body_bytes: int, queue_timeout: float = 0.0,
+        shared_limiter: RateLimiter | None = None,
+    ) -> None:
         self.app = app
         self.pool = pool
         self.max_body_bytes = max_body_bytes
         self.queue_timeout = queue_timeout
+        # With several replicas, a key's rpm is one shared bucket: the local choice is confirmed there.
+        self.shared_limiter = shared_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +64,7 @@ class KeyRotationMiddleware:
             return
         if ctx.model != model.name:
             ctx.set_model(model.name)
-        state = self._choose(model, ctx)
+        state = await self._choose_shared(model, ctx)
         if state is None and not ctx.tried and self.queue_timeout > 0:
             state = await self._wait_for_room(model, ctx, receive)
         if ctx.disconnected:
@@ -89,6 +95,22 @@ class KeyRotationMiddleware:
                 return state
         return None
 
+    async def _choose_shared(self, model: ModelConfig, ctx: RequestContext) -> KeyState | None:
+        state = self._choose(model, ctx)
+        for _ in range(3):  # a few keys at most: each costs a round trip
+            if state is None or self.shared_limiter is None or not state.deployment.rpm:
+                return state
+            bucket = f"key:{state.deployment.name}:{state.alias}:rpm"
+            admission = await self.shared_limiter.admit(bucket, 1, limit=state.deployment.rpm)
+            if admission.allowed:
+                return state
+            self.pool.release(state)  # other replicas filled it: full here too, for as long
+            self.pool.mark_full(state, admission.retry_after)
+            state = self._choose(model, ctx)
+        if state is not None:
+            self.pool.release(state)
+        return None
+
     async def _wait_for_room(self, model: ModelConfig, ctx: RequestContext, receive: Receive) -> KeyState | None:
         """Every key is at its rpm/tpm: wait up to `queue_timeout` for one to make room. Resting
         keys are not waited for, and a client that leaves stops waiting."""
@@ -102,7 +124,7 @@ class KeyRotationMiddleware:
                     pass  # a replayed copy of the body
                 ctx.disconnected = True
                 return None
-            if (state := self._choose(model, ctx)) is not None:
+            if (state := await self._choose_shared(model, ctx)) is not None:
                 return state
         return None
 
