@@ -9,10 +9,14 @@ from proxykit.errors import ProxyError, send_error
 from proxykit.forward import Forwarder
 from proxykit.keys import KeyPool
 from proxykit.logs import RequestIdFilter
+from proxykit.metrics import ProxyMetrics
 from proxykit.middleware.auth import AuthMiddleware
+from proxykit.middleware.metrics import MetricsMiddleware
+from proxykit.middleware.ratelimit import ClientLimits, RateLimitMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
 from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
 from proxykit.middleware.rotation import KeyRotationMiddleware
+from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
 from proxykit.resources import Resources
 from proxykit.transport import AiohttpTransport
 
@@ -21,13 +25,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AiohttpTransport",
     "AuthMiddleware",
+    "ClientLimits",
     "Config",
     "ConfigError",
     "DemoUpstream",
     "Forwarder",
     "KeyPool",
     "KeyRotationMiddleware",
+    "MemoryRateLimiter",
+    "MetricsMiddleware",
     "ProxyError",
+    "ProxyMetrics",
+    "RateLimitMiddleware",
+    "RateLimiter",
     "RequestContext",
     "RequestIdFilter",
     "RequestIdMiddleware",
