@@ -24,5 +24,11 @@ test: lint
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
 	exit $$status
 
+# Performance is measured here, never asserted in tests. Needs wrk (and redis-server for one row).
+bench: $(BIN)/.installed
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk redis-server)
+	$(BIN)/python -m tests.benchmarks.key_choice
+	$(BIN)/python -m tests.benchmarks.throughput
+
 clean:
 	rm -rf $(VENV) *.egg-info
