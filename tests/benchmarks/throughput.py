@@ -126,10 +126,10 @@ def main() -> None:
         print("| target | req/s at 64 (median, range) | vs floor | p50 at 1 (ms) | added p50 vs direct (ms) |")
         print("|---|---|---|---|---|")
         for name, runs in results.items():
-            rps = [r for r, _ in runs]
-            p50 = statistics.median(p for _, p in runs)
-            print(f"| {name} | {statistics.median(rps):,.0f} ({min(rps):,.0f}–{max(rps):,.0f}) | "
-                  f"{statistics.median(rps) / floor_rps:.2f} | {p50:.2f} | {p50 - direct_p50:+.2f} |")
+            rates = [rate for rate, _ in runs]
+            latency = statistics.median(p for _, p in runs)
+            print(f"| {name} | {statistics.median(rates):,.0f} ({min(rates):,.0f} to {max(rates):,.0f}) | "
+                  f"{statistics.median(rates) / floor_rps:.2f} | {latency:.2f} | {latency - direct_p50:+.2f} |")
     finally:
         for process in processes:
             process.terminate()
