@@ -50,14 +50,17 @@ def wait_ready(url: str) -> None:
     raise RuntimeError(f"{url} did not start")
 
 
-def config(upstream: str, *, full: bool, metrics: bool, redis_url: str | None = None) -> dict[str, object]:
+def config(
+    upstream: str, *, full: bool, metrics: bool, redis_url: str | None = None, client_limits: bool = True
+) -> dict[str, object]:
     keys = [f"sk-bench-{i}" for i in range(100 if full else 4)]
     data: dict[str, object] = {
         "models": [{"name": "bench", "deployments": [{"base_url": f"{upstream}/v1", "api_keys": keys}]}],
         "metrics": {"enabled": metrics},
     }
     if full:
-        data["auth"] = {"keys": [{"name": "bench", "key": "pk-bench", "rpm": 10**8, "tpm": 10**10}]}
+        limits = {"rpm": 10**8, "tpm": 10**10} if client_limits else {}  # never reached, but checked
+        data["auth"] = {"keys": [{"name": "bench", "key": "pk-bench", **limits}]}
         data["routing"] = {"strategy": "usage-based"}
     if redis_url:
         data["limits"] = {"backend": "redis", "redis_url": redis_url}
@@ -98,6 +101,8 @@ def main() -> None:
         variants = {
             "proxykit, metrics off": config(upstream, full=False, metrics=False),
             "proxykit, defaults (metrics on)": config(upstream, full=False, metrics=True),
+            "proxykit, auth + 100 keys + retry + metrics, no client limits": config(
+                upstream, full=True, metrics=True, client_limits=False),
             "proxykit, full stack (auth, 100 keys, limits, retry, metrics)": config(upstream, full=True, metrics=True),
         }
         if shutil.which("redis-server"):
