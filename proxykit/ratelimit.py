@@ -6,14 +6,14 @@ aiolimiter itself is not used: it can neither tell how much is left (for the `x-
 headers), nor give back an unused token reservation, nor charge past capacity without blocking.
 
     limiter = MemoryRateLimiter()
-    admission = await limiter.admit("client:team-a:rpm", 1, limit=600)
+    [admission] = await limiter.admit_all([("client:team-a:rpm", 1, 600)])
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -29,11 +29,14 @@ class Admission:
     reset: float  # seconds until the bucket is full again
 
 
+Take = tuple[str, float, int]  # bucket key, amount, limit per minute
+
+
 class RateLimiter(Protocol):
     """Where buckets live: this process (memory) or shared by every replica (Redis)."""
 
-    async def admit(self, key: str, amount: float, *, limit: int) -> Admission:
-        """Take `amount` from the bucket if it fits, atomically."""
+    async def admit_all(self, takes: Sequence[Take]) -> list[Admission]:
+        """Take every amount if every one fits, else none: atomically, in one step (one round trip)."""
 
     async def settle(self, key: str, amount: float, *, limit: int) -> None:
         """Charge (positive) or give back (negative) `amount` without checking the limit."""
@@ -62,10 +65,13 @@ class MemoryRateLimiter:
         self.clock = clock
         self._tat: dict[str, float] = {}
 
-    async def admit(self, key: str, amount: float, *, limit: int) -> Admission:
+    async def admit_all(self, takes: Sequence[Take]) -> list[Admission]:
         now = self.clock()
-        self._tat[key], admission = gcra(self._tat.get(key, now), now, amount, limit)
-        return admission
+        verdicts = [gcra(self._tat.get(key, now), now, amount, limit) for key, amount, limit in takes]
+        if all(admission.allowed for _, admission in verdicts):
+            for (key, _, _), (tat, _) in zip(takes, verdicts, strict=True):
+                self._tat[key] = tat
+        return [admission for _, admission in verdicts]
 
     async def settle(self, key: str, amount: float, *, limit: int) -> None:
         now = self.clock()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from proxykit.keys import KeyPool, KeyState
-from proxykit.ratelimit import WINDOW, Admission, MemoryRateLimiter
+from proxykit.ratelimit import WINDOW, Admission, MemoryRateLimiter, Take
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -25,18 +26,28 @@ PREFIX: Final = "proxykit:"
 _RETRY_REDIS_AFTER: Final = 1.0  # seconds on per-process limits before Redis is tried again
 _NOW_MS: Final = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
-# KEYS[1] bucket; ARGV amount, limit, window ms. Returns allowed, occupancy ms, retry-after ms
-# (as strings: Redis would truncate Lua numbers to integers).
+# KEYS[i] a bucket; ARGV amount, limit, window ms for each. Every bucket is taken, or none. Returns
+# {allowed, occupancy ms, retry-after ms} per bucket, as strings (Redis truncates Lua numbers).
 _ADMIT: Final = _NOW_MS + """
-local interval = tonumber(ARGV[3]) / tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-local base = math.max(tat, now)
-local new_tat = base + tonumber(ARGV[1]) * interval
-if new_tat - now > tonumber(ARGV[3]) + 0.001 then
-  return {0, tostring(base - now), tostring(new_tat - now - tonumber(ARGV[3]))}
+local verdicts, tats, all = {}, {}, true
+for i = 1, #KEYS do
+  local amount, limit, window = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  local base = math.max(tat, now)
+  tats[i] = base + amount * window / limit
+  if tats[i] - now > window + 0.001 then
+    all = false
+    verdicts[i] = {0, tostring(base - now), tostring(tats[i] - now - window)}
+  else
+    verdicts[i] = {1, tostring(tats[i] - now), '0'}
+  end
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-return {1, tostring(new_tat - now), '0'}
+if all then
+  for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.ceil(tats[i] - now) + 1000)
+  end
+end
+return verdicts
 """
 _SETTLE: Final = _NOW_MS + """
 local interval = tonumber(ARGV[3]) / tonumber(ARGV[2])
@@ -101,19 +112,17 @@ class RedisRateLimiter:
         self._admit: Any = None
         self._settle: Any = None
 
-    async def admit(self, key: str, amount: float, *, limit: int) -> Admission:
+    async def admit_all(self, takes: Sequence[Take]) -> list[Admission]:
         if self.connection.usable:
+            args = [value for _, amount, limit in takes for value in (amount, limit, WINDOW * 1000)]
             try:
-                allowed, occupancy, retry_after = await self._script("admit")(
-                    keys=[PREFIX + key], args=[amount, limit, WINDOW * 1000])
+                verdicts = await self._script("admit")(keys=[PREFIX + key for key, _, _ in takes], args=args)
             except self._errors as exc:
                 self.connection.failed(exc)
             else:
                 self.connection.answered()
-                used = float(occupancy) / 1000
-                remaining = max(0, math.floor((WINDOW - used) / (WINDOW / limit) + 1e-9))
-                return Admission(bool(int(allowed)), limit, remaining, float(retry_after) / 1000, used)
-        return await self.fallback.admit(key, amount, limit=limit)
+                return [_admission(verdict, limit) for verdict, (_, _, limit) in zip(verdicts, takes, strict=True)]
+        return await self.fallback.admit_all(takes)
 
     async def settle(self, key: str, amount: float, *, limit: int) -> None:
         if self.connection.usable:
@@ -131,6 +140,13 @@ class RedisRateLimiter:
             client = self.connection.client()
             self._admit, self._settle = client.register_script(_ADMIT), client.register_script(_SETTLE)
         return self._admit if name == "admit" else self._settle
+
+
+def _admission(verdict: list[Any], limit: int) -> Admission:
+    allowed, occupancy, retry_after = verdict
+    used = float(occupancy) / 1000
+    remaining = max(0, math.floor((WINDOW - used) / (WINDOW / limit) + 1e-9))
+    return Admission(bool(int(allowed)), limit, remaining, float(retry_after) / 1000, used)
 
 
 class SharedKeyStates:

@@ -149,3 +149,26 @@ async def test_upstream_key_rpm_is_one_limit_across_processes(tmp_path: Path) ->
     assert statuses.count(200) == 4  # 2 keys x 2 rpm, whichever process asked
     assert set(statuses) == {200, 503}
     assert dict(upstream.calls) == {"k0": 2, "k1": 2}
+
+
+@needs_redis
+async def test_redis_admission_is_all_or_nothing_and_buckets_expire(tmp_path: Path) -> None:
+    import redis.asyncio
+
+    from proxykit.redis_backend import PREFIX, RedisConnection, RedisRateLimiter
+
+    with redis_server(tmp_path) as (redis_url, _):
+        connection = RedisConnection(redis_url)
+        limiter = RedisRateLimiter(connection)
+        first = await limiter.admit_all([("t:requests", 1, 10), ("t:tokens", 90, 100)])
+        refused = await limiter.admit_all([("t:requests", 1, 10), ("t:tokens", 20, 100)])
+        after = await limiter.admit_all([("t:requests", 1, 10)])
+        client = redis.asyncio.Redis.from_url(redis_url)
+        ttl = await client.pttl(PREFIX + "t:tokens")
+        await client.aclose()
+        await connection.aclose()
+    assert [a.allowed for a in first] == [True, True]
+    assert [a.allowed for a in refused] == [True, False]
+    assert refused[1].retry_after == pytest.approx(6.0, abs=0.2)  # 10 tokens over, at 100 a minute
+    assert after[0].remaining == 8
+    assert 0 < ttl <= 55_000  # the bucket expires once empty: nothing grows without bound

@@ -73,18 +73,17 @@ class RateLimitMiddleware:
                 await self.limiter.settle(_bucket(ctx, "tpm"), _tokens_used(ctx, estimate) - estimate, limit=limits.tpm)
 
     async def _admit(self, ctx: RequestContext, limits: ClientLimits, body: bytes) -> tuple[dict[str, Admission], int]:
-        admissions: dict[str, Admission] = {}
         estimate = _estimate(ctx, body) if limits.tpm else 0
+        takes = {}
         if limits.rpm:
-            admissions["requests"] = await self.limiter.admit(_bucket(ctx, "rpm"), 1, limit=limits.rpm)
-            if not admissions["requests"].allowed:
-                raise _refusal(ctx, "rpm", admissions)
+            takes["requests"] = (_bucket(ctx, "rpm"), 1.0, limits.rpm)
         if limits.tpm:
-            admissions["tokens"] = await self.limiter.admit(_bucket(ctx, "tpm"), estimate, limit=limits.tpm)
-            if not admissions["tokens"].allowed:
-                if limits.rpm:  # this request will not run: give its request back
-                    await self.limiter.settle(_bucket(ctx, "rpm"), -1, limit=limits.rpm)
-                raise _refusal(ctx, "tpm", admissions)
+            takes["tokens"] = (_bucket(ctx, "tpm"), float(estimate), limits.tpm)
+        # Both buckets at once, all or nothing: one round trip with Redis, nothing to give back.
+        admissions = dict(zip(takes, await self.limiter.admit_all(list(takes.values())), strict=True))
+        for kind, limit in (("requests", "rpm"), ("tokens", "tpm")):
+            if kind in admissions and not admissions[kind].allowed:
+                raise _refusal(ctx, limit, admissions)
         return admissions, estimate
 
 

@@ -101,7 +101,7 @@ class KeyRotationMiddleware:
             if state is None or self.shared_limiter is None or not state.deployment.rpm:
                 return state
             bucket = f"key:{state.deployment.name}:{state.alias}:rpm"
-            admission = await self.shared_limiter.admit(bucket, 1, limit=state.deployment.rpm)
+            [admission] = await self.shared_limiter.admit_all([(bucket, 1, state.deployment.rpm)])
             if admission.allowed:
                 return state
             self.pool.release(state)  # other replicas filled it: full here too, for as long
