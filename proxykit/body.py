@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import InvalidRequest, RequestTooLarge
+from proxykit.errors import InvalidRequest, ProxyError, RequestTooLarge, send_error
+
+T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
     """The client left while its request body was still arriving."""
+
+
+async def or_answer(step: Awaitable[T], scope: Scope, receive: Receive, send: Send) -> T | None:
+    """Runs a step that reads or checks the request. None means the request is over: its client
+    error was answered (OpenAI-shaped), or the client left while its body was arriving."""
+    try:
+        return await step
+    except ClientDisconnected:
+        ensure_context(scope).disconnected = True
+    except ProxyError as exc:
+        await send_error(exc, scope, receive, send)
+    return None
 
 
 async def ensure_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:

@@ -13,7 +13,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from proxykit._utils import route_path
-from proxykit.body import ClientDisconnected, ensure_payload, requested_model
+from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
 from proxykit.headers import downstream_headers, upstream_headers
@@ -43,15 +43,8 @@ class Forwarder:
         await self.resources.ensure_open()
         ctx = ensure_context(scope)
         chosen_here = ctx.key is None  # no key-rotation layer in front: take the next key ourselves
-        try:
-            if chosen_here:
-                self._choose(await self._model(scope, receive, ctx), ctx)
-            request = self._upstream_request(scope, ctx)
-        except ClientDisconnected:
-            ctx.disconnected = True
-            return
-        except ProxyError as exc:
-            await send_error(exc, scope, receive, send)
+        request = await or_answer(self._prepare(scope, receive, ctx, chosen_here), scope, receive, send)
+        if request is None:
             return
         try:
             await self._forward(request, ctx, scope, receive, send)
@@ -59,6 +52,11 @@ class Forwarder:
             if chosen_here and ctx.key is not None:
                 self.resources.keys.release(ctx.key)
                 ctx.key = None
+
+    async def _prepare(self, scope: Scope, receive: Receive, ctx: RequestContext, choose: bool) -> httpx.Request:
+        if choose:
+            self._choose(await self._model(scope, receive, ctx), ctx)
+        return self._upstream_request(scope, ctx)
 
     async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> str:
         config = self.resources.config

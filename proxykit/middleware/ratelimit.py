@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ClientDisconnected, ensure_body
+from proxykit.body import ensure_body, or_answer
 from proxykit.config import ClientKey
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import ProxyError, RateLimitExceeded, send_error
+from proxykit.errors import RateLimitExceeded
 from proxykit.ratelimit import Admission, RateLimiter
 
 
@@ -50,15 +50,10 @@ class RateLimitMiddleware:
         if ctx is None or limits is None:
             await self.app(scope, receive, send)
             return
-        try:
-            body = await ensure_body(scope, receive, self.max_body_bytes)
-            admissions, estimate = await self._admit(ctx, limits, body)
-        except ClientDisconnected:
-            ctx.disconnected = True
+        admitted = await or_answer(self._admit(ctx, limits, scope, receive), scope, receive, send)
+        if admitted is None:
             return
-        except ProxyError as exc:
-            await send_error(exc, scope, receive, send)
-            return
+        admissions, estimate = admitted
         headers = _headers(admissions)
 
         async def send_with_headers(message: Message) -> None:
@@ -72,7 +67,10 @@ class RateLimitMiddleware:
             if limits.tpm:
                 await self.limiter.settle(_bucket(ctx, "tpm"), _tokens_used(ctx, estimate) - estimate, limit=limits.tpm)
 
-    async def _admit(self, ctx: RequestContext, limits: ClientLimits, body: bytes) -> tuple[dict[str, Admission], int]:
+    async def _admit(
+        self, ctx: RequestContext, limits: ClientLimits, scope: Scope, receive: Receive
+    ) -> tuple[dict[str, Admission], int]:
+        body = await ensure_body(scope, receive, self.max_body_bytes)
         estimate = _estimate(ctx, body) if limits.tpm else 0
         takes = {}
         if limits.rpm:

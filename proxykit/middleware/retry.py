@@ -11,10 +11,9 @@ import anyio
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ClientDisconnected, ensure_body, replay
+from proxykit.body import ensure_body, or_answer, replay
 from proxykit.config import Config
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import ProxyError, send_error
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +102,8 @@ class RetryMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = ensure_context(scope)
-        try:
-            body = await ensure_body(scope, receive, self.max_body_bytes)
-        except ClientDisconnected:
-            ctx.disconnected = True
-            return
-        except ProxyError as exc:
-            await send_error(exc, scope, receive, send)
+        body = await or_answer(ensure_body(scope, receive, self.max_body_bytes), scope, receive, send)
+        if body is None:
             return
         held: _Held | None = None
         for attempt_number in range(self.policy.attempts + 1):

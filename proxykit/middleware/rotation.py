@@ -9,10 +9,10 @@ import time
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ClientDisconnected, ensure_payload, requested_model
+from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import NoUpstreamAvailable, ProxyError, send_error
+from proxykit.errors import NoUpstreamAvailable, send_error
 from proxykit.keys import KeyPool, KeyState, NoKey
 from proxykit.ratelimit import RateLimiter
 from proxykit.routing import resolve_model
@@ -53,14 +53,8 @@ class KeyRotationMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = ensure_context(scope)
-        try:
-            await ensure_payload(scope, receive, self.max_body_bytes)
-            model = resolve_model(self.pool.config, requested_model(ctx), ctx.allowed_models)
-        except ClientDisconnected:
-            ctx.disconnected = True
-            return
-        except ProxyError as exc:
-            await send_error(exc, scope, receive, send)
+        model = await or_answer(self._model(scope, receive, ctx), scope, receive, send)
+        if model is None:
             return
         if ctx.model != model.name:
             ctx.set_model(model.name)
@@ -94,6 +88,10 @@ class KeyRotationMiddleware:
                 ctx.served_by = name
                 return state
         return None
+
+    async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> ModelConfig:
+        await ensure_payload(scope, receive, self.max_body_bytes)
+        return resolve_model(self.pool.config, requested_model(ctx), ctx.allowed_models)
 
     async def _choose_shared(self, model: ModelConfig, ctx: RequestContext) -> KeyState | None:
         state = self._choose(model, ctx)
