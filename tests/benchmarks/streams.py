@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from tests.benchmarks.throughput import config, free_port, start, wait_ready
+from tests.benchmarks.throughput import config, free_port, litellm_config, start, wait_ready
 
 CHAT = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
 HEADERS = {"authorization": "Bearer pk-bench"}
@@ -102,11 +102,7 @@ def start_targets(tmp: Path, upstream: str, litellm: str | None) -> Targets:
     if litellm:
         port = free_port()
         path = tmp / f"litellm-{port}.yaml"
-        path.write_text(yaml.safe_dump({
-            "model_list": [{"model_name": "bench", "litellm_params": {
-                "model": "openai/bench", "api_base": f"{upstream}/v1", "api_key": "sk-bench"}}],
-            "litellm_settings": {"set_verbose": False, "json_logs": False, "turn_off_message_logging": True},
-        }))
+        path.write_text(yaml.safe_dump(litellm_config(upstream)))
         process = start([litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"], core=0,
                         env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
         processes.append(process)

@@ -40,7 +40,7 @@ def start(command: list[str], core: int, env: dict[str, str] | None = None) -> s
 
 
 def wait_ready(url: str) -> None:
-    for _ in range(200):
+    for _ in range(1200):  # LiteLLM takes a while to start
         try:
             httpx.post(f"{url}/v1/chat/completions", json={"model": "bench"}, timeout=1,
                        headers={"authorization": "Bearer pk-bench"})
@@ -67,6 +67,15 @@ def config(
     return data
 
 
+def litellm_config(upstream: str) -> dict[str, object]:
+    """LiteLLM's fastest honest setup: one model in front of the same mock, no database, quiet logs."""
+    return {
+        "model_list": [{"model_name": "bench", "litellm_params": {
+            "model": "openai/bench", "api_base": f"{upstream}/v1", "api_key": "sk-bench"}}],
+        "litellm_settings": {"set_verbose": False, "json_logs": False, "turn_off_message_logging": True},
+    }
+
+
 def wrk(url: str, connections: int, seconds: int, script: Path) -> tuple[float, float]:
     output = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
@@ -82,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--litellm", help="the litellm command of a throwaway virtualenv")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="proxykit-bench-"))
     script = tmp / "post.lua"
@@ -118,6 +128,13 @@ def main() -> None:
             processes.append(start([sys.executable, "-m", "proxykit", "serve", "--config", str(path), "--port",
                                     str(port), "--log-level", "warning"], core=0))
             targets[name] = f"http://127.0.0.1:{port}"
+        if args.litellm:
+            port = free_port()
+            path = tmp / "litellm.yaml"
+            path.write_text(yaml.safe_dump(litellm_config(upstream)))
+            processes.append(start([args.litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"],
+                                   core=0, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}))
+            targets["litellm proxy (1 worker, no DB, logs off)"] = f"http://127.0.0.1:{port}"
         for url in targets.values():
             wait_ready(url)
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
@@ -127,14 +144,17 @@ def main() -> None:
                 _, p50 = wrk(url, 1, max(2, args.seconds // 2), script)
                 results[name].append((rps, p50))
         floor_rps = statistics.median(r for r, _ in results["floor (bare aiohttp proxy)"])
+        litellm_runs = next((runs for name, runs in results.items() if name.startswith("litellm")), None)
+        litellm_rps = statistics.median(r for r, _ in litellm_runs) if litellm_runs else float("nan")
         direct_p50 = statistics.median(p for _, p in results["direct"])
-        print("| target | req/s at 64 (median, range) | vs floor | p50 at 1 (ms) | added p50 vs direct (ms) |")
-        print("|---|---|---|---|---|")
+        print("| target | req/s at 64 (median, range) | vs floor | vs litellm | p50 at 1 (ms) | added p50 (ms) |")
+        print("|---|---|---|---|---|---|")
         for name, runs in results.items():
             rates = [rate for rate, _ in runs]
             latency = statistics.median(p for _, p in runs)
             print(f"| {name} | {statistics.median(rates):,.0f} ({min(rates):,.0f} to {max(rates):,.0f}) | "
-                  f"{statistics.median(rates) / floor_rps:.2f} | {latency:.2f} | {latency - direct_p50:+.2f} |")
+                  f"{statistics.median(rates) / floor_rps:.2f} | {statistics.median(rates) / litellm_rps:.1f}x "
+                  f"| {latency:.2f} | {latency - direct_p50:+.2f} |")
     finally:
         for process in processes:
             process.terminate()
