@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from tests.benchmarks.throughput import config, free_port, litellm_config, start, wait_ready
+from tests.benchmarks.throughput import LITELLM_ENV, config, free_port, litellm_config, start, wait_ready
 
 CHAT = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
 HEADERS = {"authorization": "Bearer pk-bench"}
@@ -104,7 +104,7 @@ def start_targets(tmp: Path, upstream: str, litellm: str | None) -> Targets:
         path = tmp / f"litellm-{port}.yaml"
         path.write_text(yaml.safe_dump(litellm_config(upstream)))
         process = start([litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"], core=0,
-                        env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"})
+                        env=LITELLM_ENV)
         processes.append(process)
         urls["litellm"], pids["litellm"] = f"http://127.0.0.1:{port}", process.pid
     for url in urls.values():

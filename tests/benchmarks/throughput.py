@@ -67,6 +67,11 @@ def config(
     return data
 
 
+# No cost-map download at start, quiet logs, and no master key: it would refuse to start without one.
+LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+
+
 def litellm_config(upstream: str) -> dict[str, object]:
     """LiteLLM's fastest honest setup: one model in front of the same mock, no database, quiet logs."""
     return {
@@ -133,7 +138,7 @@ def main() -> None:
             path = tmp / "litellm.yaml"
             path.write_text(yaml.safe_dump(litellm_config(upstream)))
             processes.append(start([args.litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"],
-                                   core=0, env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}))
+                                   core=0, env=LITELLM_ENV))
             targets["litellm proxy (1 worker, no DB, logs off)"] = f"http://127.0.0.1:{port}"
         for url in targets.values():
             wait_ready(url)
