@@ -24,11 +24,18 @@ test: lint
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
 	exit $$status
 
-# Performance is measured here, never asserted in tests. Needs wrk (and redis-server for one row).
+# Performance is measured here, never asserted in tests: wrk and redis-server from Debian, and
+# LiteLLM's proxy in a throwaway virtualenv outside the repo, all in one run on this machine.
+LITELLM_VENV ?= /tmp/proxykit-bench-litellm
+
 bench: $(BIN)/.installed
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk redis-server)
+	command -v wrk >/dev/null && command -v redis-server >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq wrk redis-server)
+	test -x $(LITELLM_VENV)/bin/litellm || ($(PYTHON) -m venv $(LITELLM_VENV) && \
+		$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]' httptools uvloop)
 	$(BIN)/python -m tests.benchmarks.key_choice
-	$(BIN)/python -m tests.benchmarks.throughput
+	$(BIN)/python -m tests.benchmarks.throughput --litellm $(LITELLM_VENV)/bin/litellm
+	taskset -c 1 $(BIN)/python -m tests.benchmarks.streams --litellm $(LITELLM_VENV)/bin/litellm
 
 clean:
 	rm -rf $(VENV) *.egg-info
