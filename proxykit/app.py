@@ -14,8 +14,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxykit._utils import route_path
 from proxykit.config import Config, config_from_dict, load_config
 from proxykit.context import ensure_context
 from proxykit.endpoints import Endpoints
@@ -56,12 +57,14 @@ def create_app(
     if config.auth.enabled:
         open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
         middleware.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
+    forwarding = _forwarding_stack(resources)
+    middleware.append(Middleware(_ForwardedRequests, forwarding=forwarding))
     routes = [
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
-        Mount("/v1", app=_forwarding_stack(resources)),
+        Mount("/v1", app=forwarding),
     ]
     if resources.metrics is not None:
         routes.insert(0, Route(config.metrics.path, endpoints.metrics, methods=["GET"]))
@@ -73,6 +76,31 @@ def create_app(
     )
     app.state.resources = resources
     return app
+
+
+class _ForwardedRequests:
+    """Sends `/v1/...` requests (the model list aside) straight to the forwarding stack, as the
+    `/v1` mount would, but without Starlette's exception middleware, router and mount in between:
+    per request they cost ~5% of the proxy's CPU, and the forwarding layers answer their own errors."""
+
+    def __init__(self, app: ASGIApp, *, forwarding: ASGIApp) -> None:
+        self.app = app
+        self.forwarding = forwarding
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan has no path
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if path.startswith("/v1/") and not _is_model_list(scope["method"], path):
+            scope = {**scope, "root_path": scope.get("root_path", "") + "/v1"}  # what Mount("/v1") does
+            await self.forwarding(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_model_list(method: str, path: str) -> bool:
+    return method in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/"))
 
 
 def _forwarding_stack(resources: Resources) -> ASGIApp:

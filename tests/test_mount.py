@@ -102,3 +102,16 @@ async def test_hand_composed_stack_from_the_readme() -> None:
     assert refused.status_code == 401
     assert allowed.status_code == 200
     assert allowed.headers["x-proxykit-attempts"] == "demo-chat#0:ok"
+
+
+async def test_standalone_app_runs_its_lifespan_through_every_middleware(caplog: pytest.LogCaptureFixture) -> None:
+    # uvicorn's "auto" lifespan mode quietly gives up on an app whose middleware chokes on the
+    # lifespan scope; resources would then open lazily and never close.
+    config = {**demo_config("http://127.0.0.1:9/v1"), "auth": {"keys": [{"name": "a", "key": "k"}]}}
+    app = create_app(config)
+    with caplog.at_level(logging.WARNING, logger="proxykit"):
+        async with serve(app, lifespan="on") as url, httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/health")).status_code == 200
+            assert app.state.resources.state.name == "OPENED"
+    assert app.state.resources.state.name == "CLOSED"
+    assert not [r for r in caplog.records if "lifespan" in r.getMessage()]

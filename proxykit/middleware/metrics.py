@@ -29,14 +29,14 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = ensure_context(scope)
-        in_flight = self.metrics.in_flight
+        metrics = self.metrics
         counted_as = ctx.model
-        in_flight.labels(counted_as).inc()
+        metrics.labelled(metrics.in_flight, counted_as).inc()
 
         def moved_to(model: str) -> None:  # the model is known only once an inner layer read the body
             nonlocal counted_as
-            in_flight.labels(counted_as).dec()
-            in_flight.labels(model).inc()
+            metrics.labelled(metrics.in_flight, counted_as).dec()
+            metrics.labelled(metrics.in_flight, model).inc()
             counted_as = model
 
         ctx.on_model = moved_to
@@ -54,24 +54,24 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         finally:
-            in_flight.labels(counted_as).dec()
+            metrics.labelled(metrics.in_flight, counted_as).dec()
             self._record(ctx, 499 if ctx.disconnected else status, first_byte_at)
 
     def _record(self, ctx: RequestContext, status: int, first_byte_at: float | None) -> None:
         metrics, model, client = self.metrics, ctx.model, ctx.client
         duration = time.perf_counter() - ctx.started
-        metrics.requests.labels(model, client, str(status)).inc()
-        metrics.duration.labels(model).observe(duration)
+        metrics.labelled(metrics.requests, model, client, str(status)).inc()
+        metrics.labelled(metrics.duration, model).observe(duration)
         if first_byte_at is not None:
-            metrics.ttfb.labels(model).observe(first_byte_at - ctx.started)
-        metrics.overhead.labels(model).observe(max(0.0, duration - ctx.upstream_wait - ctx.backoff_wait))
+            metrics.labelled(metrics.ttfb, model).observe(first_byte_at - ctx.started)
+        metrics.labelled(metrics.overhead, model).observe(max(0.0, duration - ctx.upstream_wait - ctx.backoff_wait))
         if ctx.rate_limited:
-            metrics.rate_limited.labels(client, ctx.rate_limited).inc()
+            metrics.labelled(metrics.rate_limited, client, ctx.rate_limited).inc()
         previous = None
         for deployment, alias, outcome in ctx.attempts or ():
-            metrics.attempts.labels(model, deployment, alias, outcome).inc()
+            metrics.labelled(metrics.attempts, model, deployment, alias, outcome).inc()
             if previous is not None:
-                metrics.retries.labels(model, previous).inc()
+                metrics.labelled(metrics.retries, model, previous).inc()
             previous = outcome
         self._record_tokens(ctx)
 
@@ -86,14 +86,14 @@ class MetricsMiddleware:
         prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
         details = usage.get("completion_tokens_details")
         reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
-        tokens, model, client = self.metrics.tokens, ctx.model, ctx.client
+        metrics, model, client = self.metrics, ctx.model, ctx.client
         for kind, count in (("prompt", prompt), ("completion", completion), ("reasoning", reasoning)):
             if count:
-                tokens.labels(model, client, kind).inc(count)
+                metrics.labelled(metrics.tokens, model, client, kind).inc(count)
         pricing = self.pricing.get(ctx.served_by or model)
         if pricing is not None:
             cost = prompt * pricing.input_per_1m / 1e6 + completion * pricing.output_per_1m / 1e6
-            self.metrics.cost.labels(model, client).inc(cost)
+            self.metrics.labelled(metrics.cost, model, client).inc(cost)
 
 
 def _count(value: object) -> int:

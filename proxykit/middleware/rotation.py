@@ -133,7 +133,10 @@ class KeyRotationMiddleware:
             outcome = "auth_error"  # the key's fault, not the client's
         elif outcome in ("connect_error", "timeout"):
             ctx.skip_deployments.add(state.deployment.name)  # its other keys would not connect either
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in message["headers"]}
+        headers = {  # only what key state reads: rate-limit and retry-after headers
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in message["headers"] if name.startswith((b"x-ratelimit-", b"retry-after"))
+        }
         reason = self.pool.record(state, outcome or "ok", headers, ctx.attempt_ttfb)
         if reason:
             logger.warning("upstream key %s is %s", state.alias, _REASONS.get(reason, reason))
