@@ -8,7 +8,7 @@ from collections import Counter
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from tests.upstreams import SSE_HEADERS, event
+from tests.upstreams import SSE_HEADERS, event, read_body
 
 JSON = (b"content-type", b"application/json")
 
@@ -27,12 +27,7 @@ class KeyedUpstream:
         self.first_call = anyio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         key = dict(scope["headers"]).get(b"authorization", b"").decode().removeprefix("Bearer ")
         self.calls[key] += 1
         self.first_call.set()

@@ -15,7 +15,8 @@ def event(n: int) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body of an ASGI request."""
     body = b""
     while True:
         message = await receive()
@@ -37,7 +38,7 @@ class GatedStream:
         self.gates[n].set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _read_body(receive)
+        await read_body(receive)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         for n in range(self.events):
             await self.gates[n].wait()
@@ -55,7 +56,7 @@ class WatchesDisconnect:
         self.disconnected = anyio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _read_body(receive)
+        await read_body(receive)
         self.requested.set()
         if self.events_first:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -70,7 +71,7 @@ class Silent:
     """Never answers: holds the request until the connection goes away."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _read_body(receive)
+        await read_body(receive)
         while (await receive())["type"] != "http.disconnect":
             pass
 
@@ -83,7 +84,7 @@ class BreaksOff:
         self.partial = partial
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _read_body(receive)
+        await read_body(receive)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         for n in range(self.events):
             await send({"type": "http.response.body", "body": event(n), "more_body": True})
@@ -102,7 +103,7 @@ class Records:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        await _read_body(receive)
+        await read_body(receive)
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         body = b'{"ok": true}'
         await send({"type": "http.response.start", "status": 200,

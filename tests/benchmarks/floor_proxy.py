@@ -10,6 +10,8 @@ import os
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
+from tests.upstreams import read_body
+
 UPSTREAM = os.environ.get("FLOOR_UPSTREAM", "http://127.0.0.1:8001")
 _session: aiohttp.ClientSession | None = None
 
@@ -22,12 +24,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         _session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
         )
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k not in (b"host", b"content-length")]
     async with _session.request(scope["method"], UPSTREAM + scope["path"], headers=headers, data=body) as response:
         out = [(k, v) for k, v in response.raw_headers if k.lower() not in (b"transfer-encoding", b"connection")]

@@ -12,6 +12,8 @@ import os
 
 from starlette.types import Receive, Scope, Send
 
+from tests.upstreams import read_body
+
 _CONTENT = "proxykit benchmark reply " * 32
 BODY = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench",
@@ -30,12 +32,7 @@ USAGE = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     if b'"stream": true' not in body and b'"stream":true' not in body:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         await send({"type": "http.response.body", "body": BODY})

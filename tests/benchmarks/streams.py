@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from tests.benchmarks.throughput import LITELLM_ENV, config, free_port, litellm_config, start, wait_ready
+from tests.benchmarks.throughput import LITELLM_ENV, config, free_port, litellm_config, start, stop, wait_ready
 
 CHAT = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
 HEADERS = {"authorization": "Bearer pk-bench"}
@@ -149,9 +149,7 @@ def main() -> None:
                 print(f"| {name} | {concurrency} | {statistics.median(ttfe):.1f} / {statistics.median(ttfe99):.1f} "
                       f"| {statistics.median(total):.0f} | {statistics.median(gap):.1f} "
                       f"| {statistics.median(per_read):.2f} |")
-        for process in started:
-            process.terminate()
-            process.wait()
+        stop(started)
         slow, slow_pids, started = start_targets(tmp, f"http://127.0.0.1:{long_port}", args.litellm)
         processes += started
         print(f"\n| target | {args.soak_streams} streams of 10 s: completed | first event p99 (ms) | peak RSS (MiB) |")
@@ -168,10 +166,7 @@ def main() -> None:
             print(f"| {name} | {statistics.median(done):.0f} (min {min(done)}) | {statistics.median(soak_first):.0f} "
                   f"| {rss} |")
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait()
+        stop(processes)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Each proxy is pinned to core 0, the mock upstream and wrk to core 1. Needs `wrk`
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,17 @@ def free_port() -> int:
 def start(command: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["taskset", "-c", str(core), *command], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+def _ratio(rate: float, litellm_rate: float) -> str:
+    return "-" if math.isnan(litellm_rate) else f"{rate / litellm_rate:.1f}x"
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait()
 
 
 def wait_ready(url: str) -> None:
@@ -158,13 +170,10 @@ def main() -> None:
             rates = [rate for rate, _ in runs]
             latency = statistics.median(p for _, p in runs)
             print(f"| {name} | {statistics.median(rates):,.0f} ({min(rates):,.0f} to {max(rates):,.0f}) | "
-                  f"{statistics.median(rates) / floor_rps:.2f} | {statistics.median(rates) / litellm_rps:.1f}x "
+                  f"{statistics.median(rates) / floor_rps:.2f} | {_ratio(statistics.median(rates), litellm_rps)} "
                   f"| {latency:.2f} | {latency - direct_p50:+.2f} |")
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait()
+        stop(processes)
 
 
 if __name__ == "__main__":
