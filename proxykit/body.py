@@ -6,6 +6,7 @@ import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import anyio
 from starlette.types import Message, Receive, Scope, Send
 
 from proxykit.context import RequestContext, ensure_context
@@ -100,3 +101,18 @@ def replay(body: bytes, receive: Receive) -> Receive:
         return message
 
     return replay_receive
+
+
+async def until_disconnect(receive: Receive) -> None:
+    """Returns once the client has gone. uvicorn's send() is a silent no-op after a disconnect,
+    so `receive` is the only place to learn it."""
+    while (await receive())["type"] != "http.disconnect":
+        pass  # an outer replay's copy of the body
+
+
+async def wait_unless_disconnected(seconds: float, receive: Receive, ctx: RequestContext) -> bool:
+    """Waits `seconds`, or less if the client leaves first; True when it left."""
+    with anyio.move_on_after(seconds):
+        await until_disconnect(receive)
+        ctx.disconnected = True
+    return ctx.disconnected

@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 import httpx
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from proxykit._utils import route_path
-from proxykit.body import ensure_payload, or_answer, requested_model
+from proxykit.body import ensure_payload, or_answer, requested_model, until_disconnect
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
 from proxykit.headers import downstream_headers, upstream_headers
@@ -196,11 +196,8 @@ class Forwarder:
 
 
 async def _watch_disconnect(receive: Receive, ctx: RequestContext, forwarding: asyncio.Task[None]) -> None:
-    message: Message = await receive()
-    while message["type"] != "http.disconnect":
-        message = await receive()  # an outer replay's copy of the body
-    # uvicorn's send() is a silent no-op once the client is gone: this is the only signal. After
-    # a complete response, servers report a disconnect too; that one is no news.
+    await until_disconnect(receive)
+    # After a complete response, servers report a disconnect too; that one is no news.
     if not ctx.finished:
         ctx.disconnected = True
         forwarding.cancel()

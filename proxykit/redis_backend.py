@@ -109,8 +109,7 @@ class RedisRateLimiter:
         self.connection = connection
         self.fallback = MemoryRateLimiter()
         self._errors = _redis_errors()
-        self._admit: Any = None
-        self._settle: Any = None
+        self._scripts: dict[str, Any] = {}  # registered on first use, when the client exists
 
     async def admit_all(self, takes: Sequence[Take]) -> list[Admission]:
         if self.connection.usable:
@@ -136,10 +135,10 @@ class RedisRateLimiter:
         await self.fallback.settle(key, amount, limit=limit)
 
     def _script(self, name: str) -> Any:
-        if self._admit is None:
+        if not self._scripts:
             client = self.connection.client()
-            self._admit, self._settle = client.register_script(_ADMIT), client.register_script(_SETTLE)
-        return self._admit if name == "admit" else self._settle
+            self._scripts = {"admit": client.register_script(_ADMIT), "settle": client.register_script(_SETTLE)}
+        return self._scripts[name]
 
 
 def _admission(verdict: list[Any], limit: int) -> Admission:

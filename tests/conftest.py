@@ -149,17 +149,7 @@ async def proxykit_process(tmp_path: Path, *args: str) -> AsyncIterator[Proxykit
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as client:
-            with anyio.fail_after(20):
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"proxykit exited early:\n{log_path.read_text()}")
-                    try:
-                        if (await client.get(f"{url}/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.05)
+        await wait_until_up(f"{url}/health", process, log_path, timeout=20)
         yield ProxykitProcess(url, process, log_path)
     finally:
         process.send_signal(signal.SIGINT)
@@ -168,3 +158,18 @@ async def proxykit_process(tmp_path: Path, *args: str) -> AsyncIterator[Proxykit
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+async def wait_until_up(url: str, process: subprocess.Popen[bytes], log_path: Path, *, timeout: float) -> None:
+    """Polls `url` until it answers 200; fails at once, with the log, if `process` exits first."""
+    async with httpx.AsyncClient() as client:
+        with anyio.fail_after(timeout):
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{log_path.name}: the process exited early:\n{log_path.read_text()}")
+                try:
+                    if (await client.get(url)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.05)

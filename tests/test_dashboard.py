@@ -17,7 +17,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import free_port, proxykit_process
+from tests.conftest import free_port, proxykit_process, wait_until_up
 
 pytestmark = pytest.mark.anyio
 
@@ -57,28 +57,20 @@ async def prometheus_scraping(target: str, tmp_path: Path) -> AsyncIterator[str]
     scrape = {"job_name": "proxykit", "metrics_path": "/metrics", "static_configs": [{"targets": [target]}]}
     config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]}))  # YAML
     port = free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as client:
-            with anyio.fail_after(30):
-                while True:
-                    try:
-                        if (await client.get(f"{url}/-/ready")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.2)
+        await wait_until_up(f"{url}/-/ready", process, log_path, timeout=30)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=20)
-        log.close()
 
 
 async def drive_mixed_traffic(client: httpx.AsyncClient) -> None:

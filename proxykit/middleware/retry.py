@@ -7,11 +7,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import anyio
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ensure_body, or_answer, replay
+from proxykit.body import ensure_body, or_answer, replay, wait_unless_disconnected
 from proxykit.config import Config
 from proxykit.context import RequestContext, ensure_context
 
@@ -124,9 +123,9 @@ class RetryMiddleware:
             if time.perf_counter() + delay > ctx.started + self.policy.deadline:
                 break
             waited_from = time.perf_counter()
-            await _sleep_unless_disconnected(delay, receive, ctx)
+            left = await wait_unless_disconnected(delay, receive, ctx)
             ctx.backoff_wait += time.perf_counter() - waited_from
-            if ctx.disconnected:
+            if left:
                 return
         assert held is not None
         logger.warning("retries exhausted: %s", ctx.attempts_header())
@@ -178,10 +177,3 @@ async def _replay_held(held: _Held, send: Send) -> None:
     await send(held.start)
     for message in held.body:
         await send(message)
-
-
-async def _sleep_unless_disconnected(delay: float, receive: Receive, ctx: RequestContext) -> None:
-    with anyio.move_on_after(delay):
-        while (await receive())["type"] != "http.disconnect":
-            pass  # a replayed copy of the body
-        ctx.disconnected = True

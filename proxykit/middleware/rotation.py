@@ -6,10 +6,9 @@ import logging
 import math
 import time
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ensure_payload, or_answer, requested_model
+from proxykit.body import ensure_payload, or_answer, requested_model, wait_unless_disconnected
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import NoUpstreamAvailable, send_error
@@ -117,10 +116,7 @@ class KeyRotationMiddleware:
             wait = min(why.retry_after, deadline - time.monotonic())
             if wait <= 0:
                 return None
-            with anyio.move_on_after(wait + 0.001):
-                while (await receive())["type"] != "http.disconnect":
-                    pass  # a replayed copy of the body
-                ctx.disconnected = True
+            if await wait_unless_disconnected(wait + 0.001, receive, ctx):
                 return None
             if (state := await self._choose_shared(model, ctx)) is not None:
                 return state
