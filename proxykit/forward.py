@@ -1,13 +1,12 @@
-"""The streaming forwarding endpoint, and the only module that calls httpx."""
+"""The streaming forwarding endpoint: one upstream call per attempt, its answer relayed as it arrives."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -20,9 +19,11 @@ from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
 from proxykit.sse import UsageEventFilter, UsageReader
+from proxykit.upstream import UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
+_WATCH_AFTER = 0.02  # seconds into an attempt before the client's disconnect is watched for
 
 
 class Forwarder:
@@ -53,7 +54,7 @@ class Forwarder:
                 self.resources.keys.release(ctx.key)
                 ctx.key = None
 
-    async def _prepare(self, scope: Scope, receive: Receive, ctx: RequestContext, choose: bool) -> httpx.Request:
+    async def _prepare(self, scope: Scope, receive: Receive, ctx: RequestContext, choose: bool) -> _UpstreamRequest:
         if choose:
             self._choose(await self._model(scope, receive, ctx), ctx)
         return self._upstream_request(scope, ctx)
@@ -72,7 +73,7 @@ class Forwarder:
             raise NoUpstreamAvailable(f"no upstream key of {model} is available")
         ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
 
-    def _upstream_request(self, scope: Scope, ctx: RequestContext) -> httpx.Request:
+    def _upstream_request(self, scope: Scope, ctx: RequestContext) -> _UpstreamRequest:
         assert ctx.key is not None and ctx.payload is not None and ctx.body is not None
         deployment, secret = ctx.key.deployment, ctx.key.secret
         payload, body = ctx.payload, ctx.body
@@ -93,25 +94,21 @@ class Forwarder:
         url = deployment.base_url + route_path(scope)
         if query := scope.get("query_string"):
             url = f"{url}?{query.decode('latin-1')}"
-        return httpx.Request(scope["method"], _parsed_url(url), headers=headers, content=body)
+        return _UpstreamRequest(scope["method"], url, headers, body)
 
     async def _forward(
-        self, request: httpx.Request, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
+        self, request: _UpstreamRequest, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         ctx.finished = False
         ctx.attempt_started = time.perf_counter()
         task = asyncio.current_task()
         assert task is not None
-        # Watch from before the upstream call, so a client who leaves during a long wait for the
-        # first byte cancels that wait too. Plain asyncio rather than an anyio task group and
-        # cancel scope: this runs once per attempt, and those layers cost a fifth of the proxy's
-        # CPU in a profile (aiohttp ties proxykit to asyncio anyway).
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, ctx, task))
+        watch = _DisconnectWatch(receive, ctx, task)
         try:
             try:
                 response = await self._open(request, ctx)
             except ProxyError as error:
-                watcher.cancel()
+                watch.stop()
                 ctx.record_attempt(error.outcome or "connect_error")
                 await send_error(error, scope, receive, send)
                 return
@@ -124,15 +121,13 @@ class Forwarder:
                 return  # our own cancel: the client left, and there is no one to answer
             raise
         finally:
-            watcher.cancel()
+            watch.stop()
 
-    async def _open(self, request: httpx.Request, ctx: RequestContext) -> httpx.Response:
-        request.extensions["timeout"] = self.resources.timeouts
+    async def _open(self, request: _UpstreamRequest, ctx: RequestContext) -> UpstreamResponse:
+        resources = self.resources
         try:
-            async with asyncio.timeout(self.resources.config.timeouts.first_byte):
-                # The transport itself, not AsyncClient.send: the client's auth, redirect and
-                # cookie machinery does nothing for a proxy and cost a third of its CPU.
-                response = await self.resources.transport.handle_async_request(request)
+            async with asyncio.timeout(resources.config.timeouts.first_byte):
+                response = await resources.upstream.open(*request, resources.timeouts)
         except TimeoutError:
             raise map_httpx_error(httpx.ReadTimeout("no first byte in time")) from None
         except httpx.HTTPError as exc:
@@ -140,21 +135,20 @@ class Forwarder:
         now = time.perf_counter()
         ctx.ttfb, ctx.attempt_ttfb = now - ctx.started, now - ctx.attempt_started
         ctx.upstream_wait += ctx.attempt_ttfb
-        ctx.record_attempt(_outcome(response.status_code))
+        ctx.record_attempt(_outcome(response.status))
         return response
 
-    async def _relay(self, response: httpx.Response, ctx: RequestContext, send: Send) -> None:
-        raw_headers = response.headers.raw
-        is_event_stream = response.headers.get("content-type", "").startswith("text/event-stream")
+    async def _relay(self, response: UpstreamResponse, ctx: RequestContext, send: Send) -> None:
+        is_event_stream = (response.header("content-type") or "").startswith("text/event-stream")
         strip_usage = UsageEventFilter() if ctx.injected_usage and is_event_stream else None
         # Stripping an event changes the length: the body then goes out chunked.
-        headers = downstream_headers(raw_headers, keep_length=strip_usage is None)
+        headers = downstream_headers(response.raw_headers, keep_length=strip_usage is None)
         reader = None
-        if self.count_usage and response.status_code < 400:
-            reader = UsageReader(event_stream=is_event_stream, encoding=response.headers.get("content-encoding"))
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        if self.count_usage and response.status < 400:
+            reader = UsageReader(event_stream=is_event_stream, encoding=response.header("content-encoding"))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         ended_cleanly = True  # whether the last chunk closed its event, for the error event below
-        chunks = response.aiter_raw()  # raw bytes: no decoding, no re-chunking
+        chunks = response.chunks()  # raw bytes: no decoding, no re-chunking
         try:
             while True:
                 waiting_since = time.perf_counter()
@@ -168,16 +162,20 @@ class Forwarder:
                     ctx.sent_events = reader.events
                 if strip_usage is not None and not (chunk := strip_usage(chunk)):
                     continue
+                if response.at_eof():  # the last chunk: it ends the response, one message fewer
+                    _finish(reader, ctx)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 ended_cleanly = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
         except httpx.HTTPError as exc:
+            _finish(reader, ctx, complete=False)
             await self._break_off(map_httpx_error(exc), ctx, send, is_event_stream, ended_cleanly)
             return
-        finally:
-            if reader is not None:
-                reader.finish()
-                ctx.usage = reader.usage
-        ctx.finished = True
+        except BaseException:
+            _finish(reader, ctx, complete=False)
+            raise
+        _finish(reader, ctx)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _break_off(
@@ -195,24 +193,58 @@ class Forwarder:
             await send({"type": "http.response.body", "body": event, "more_body": True})
 
 
-async def _watch_disconnect(receive: Receive, ctx: RequestContext, forwarding: asyncio.Task[None]) -> None:
-    await until_disconnect(receive)
-    # After a complete response, servers report a disconnect too; that one is no news.
-    if not ctx.finished:
-        ctx.disconnected = True
-        forwarding.cancel()
+class _DisconnectWatch:
+    """Cancels the forwarding task when the client leaves, so the upstream call ends with it.
+
+    Watching starts once an attempt has run for `_WATCH_AFTER` seconds: a timer costs little, and
+    most answers of a fast upstream are relayed before it fires, where a watching task for every
+    request cost ~5% of the proxy's CPU. Long waits for a first byte and streams are watched; a
+    client who leaves is noticed that much later at most. Plain asyncio rather than an anyio task
+    group and cancel scope, which cost a fifth of the CPU (aiohttp ties proxykit to asyncio anyway).
+    """
+
+    __slots__ = ("_ctx", "_forwarding", "_receive", "_task", "_timer")
+
+    def __init__(self, receive: Receive, ctx: RequestContext, forwarding: asyncio.Task[None]) -> None:
+        self._receive, self._ctx, self._forwarding = receive, ctx, forwarding
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await until_disconnect(self._receive)
+        # After a complete response, servers report a disconnect too; that one is no news.
+        if not self._ctx.finished:
+            self._ctx.disconnected = True
+            self._forwarding.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
+class _UpstreamRequest(NamedTuple):
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def _finish(reader: UsageReader | None, ctx: RequestContext, *, complete: bool = True) -> None:
+    """Usage read so far goes to the context; `finished` tells the disconnect watcher, and the
+    limits and metrics, that the whole response went out."""
+    if reader is not None:
+        reader.finish()
+        ctx.usage = reader.usage
+    ctx.finished = complete
 
 
 def _asks_for_usage(payload: dict[str, Any]) -> bool:
     options = payload.get("stream_options")
     return isinstance(options, dict) and bool(options.get("include_usage"))
-
-
-@functools.lru_cache(maxsize=1024)
-def _parsed_url(url: str) -> httpx.URL:
-    # Parsing a URL was the largest single cost of building an upstream request, and a gateway
-    # sends to the same few URLs all day; bounded, since clients choose paths and queries.
-    return httpx.URL(url)
 
 
 def _outcome(status: int) -> str:

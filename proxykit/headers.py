@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
+
+from starlette.types import Message
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -21,33 +23,36 @@ _NOT_UPSTREAM: Final = HOP_BY_HOP | {
 _NOT_DOWNSTREAM: Final = HOP_BY_HOP | {b"server", b"date", b"content-length"}
 
 
-def _named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def _named_by_connection(lowered: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
+    for name, value in lowered:
+        if name == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
     return frozenset(named)
 
 
 def upstream_headers(client_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The client's headers as they may go upstream (as str pairs, for httpx)."""
-    headers = list(client_headers)
-    drop = _NOT_UPSTREAM | _named_by_connection(headers)
-    return [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers if name.lower() not in drop
-    ]
+    """The client's headers as they may go upstream (as str pairs, for the upstream call)."""
+    lowered = [(name.lower(), value) for name, value in client_headers]
+    drop = _NOT_UPSTREAM | _named_by_connection(lowered)
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in lowered if name not in drop]
 
 
 def downstream_headers(upstream: Iterable[tuple[bytes, bytes]], *, keep_length: bool) -> RawHeaders:
     """The upstream's headers as they may go to the client; `x-request-id` is renamed, not lost."""
-    headers = list(upstream)
-    drop = _NOT_DOWNSTREAM | _named_by_connection(headers)
-    result: RawHeaders = []
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == b"x-request-id":
-            result.append((b"x-upstream-request-id", value))
-        elif lowered not in drop or (keep_length and lowered == b"content-length"):
-            result.append((lowered, value))
-    return result
+    lowered = [(name.lower(), value) for name, value in upstream]
+    drop = _NOT_DOWNSTREAM | _named_by_connection(lowered)
+    if keep_length:
+        drop = drop - {b"content-length"}
+    return [
+        (b"x-upstream-request-id", value) if name == b"x-request-id" else (name, value)
+        for name, value in lowered if name not in drop
+    ]
+
+
+def set_response_headers(start: Message, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Sets `headers` (lowercase names) on an `http.response.start` message, replacing any of the
+    same names. A plain list rebuild: Starlette's MutableHeaders cost a few percent of the proxy's
+    CPU per request."""
+    names = {name for name, _ in headers}
+    start["headers"] = [pair for pair in start.get("headers", ()) if pair[0].lower() not in names] + list(headers)

@@ -22,6 +22,7 @@ from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
 from proxykit.redis_backend import RedisConnection, RedisRateLimiter, SharedKeyStates
 from proxykit.transport import AiohttpTransport
 from proxykit.upkeep import PoolUpkeep
+from proxykit.upstream import upstream_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Resources:
         # One connection pool: the forwarder sends through the transport directly, the client
         # (probes, and anyone embedding proxykit) wraps the same transport.
         self.transport = transport or AiohttpTransport(max_connections=4096)
+        self.upstream = upstream_for(self.transport)
         timeouts = config.timeouts
         # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the
         # longest silence between two chunks; the first-byte deadline is the forwarder's.

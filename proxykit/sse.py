@@ -46,13 +46,18 @@ class UsageReader:
                 self._body += chunk
 
     def finish(self) -> None:
-        if self._body:
+        if not self._body:
+            return
+        body = bytes(self._body)
+        usage = _trailing_usage(body)
+        if usage is None:
             try:
-                payload = json.loads(self._body)
+                payload = json.loads(body)
             except ValueError:
                 return
-            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-                self.usage = payload["usage"]
+            usage = payload.get("usage") if isinstance(payload, dict) else None
+        if isinstance(usage, dict):
+            self.usage = usage
 
     def _scan_lines(self, chunk: bytes) -> None:
         lines = (self._line + chunk).split(b"\n")
@@ -103,6 +108,30 @@ def _is_usage_only(event: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
+
+
+_DECODER: Final = json.JSONDecoder()
+
+
+def _trailing_usage(body: bytes) -> Any:
+    """`usage` when it is the last member of the top-level object, as OpenAI and vLLM send it,
+    decoded without the rest of the body; None when the body has another shape.
+
+    The last `"usage"` followed by `:` is a key (inside a JSON string a quote is escaped), and
+    exactly one `}` after its value makes it a member of the object that ends the body."""
+    at = body.rfind(_USAGE)
+    if at == -1 or not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        tail = body[at + len(_USAGE):].decode()
+        colon = len(tail) - len(tail.lstrip())
+        if tail[colon:colon + 1] != ":":
+            return None
+        start = colon + 1 + len(tail[colon + 1:]) - len(tail[colon + 1:].lstrip())
+        usage, end = _DECODER.raw_decode(tail, start)
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+    return usage if tail[end:].strip() == "}" else None
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:

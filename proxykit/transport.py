@@ -9,12 +9,14 @@ plug respx into), but its own pool cannot carry an LLM gateway's load: measured 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import functools
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final
 
 import aiohttp
 import httpx
+import yarl
 
 # aiohttp's errors as httpx's, most specific first (ConnectionTimeoutError is a ServerTimeoutError,
 # ClientConnectorError a ClientOSError). httpx's own errors pass through unchanged.
@@ -42,15 +44,26 @@ def _mapped_errors() -> Iterator[None]:
         raise  # pragma: no cover - the last row catches every ClientError
 
 
-class _ResponseStream(httpx.AsyncByteStream):
+class AiohttpResponse:
+    """An aiohttp response as `proxykit.upstream.UpstreamResponse`: raw headers and raw chunks."""
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        self.status = response.status
+        self.raw_headers = response.raw_headers
+        self.reason = response.reason or ""
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
         with _mapped_errors():
             # iter_any: each chunk as the socket delivered it, never waiting to fill a buffer.
             async for chunk in self._response.content.iter_any():
                 yield chunk
+
+    def at_eof(self) -> bool:
+        return self._response.content.at_eof()
 
     async def aclose(self) -> None:
         # Both are synchronous, so a cancelled forwarding task cannot skip them half way: a fully
@@ -59,6 +72,18 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._response.release()
         else:
             self._response.close()
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, response: AiohttpResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.chunks():
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -86,35 +111,49 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             trust_env=False,
         )
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def open(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes, timeouts: Mapping[str, float | None]
+    ) -> AiohttpResponse:
+        """The request sent straight through aiohttp: what the forwarder calls (`proxykit.upstream`)."""
         session = self._session
         if session is None:
             session = self._session = self._open_session()
-        timeout = request.extensions.get("timeout", {})
-        try:
-            data: bytes | httpx.AsyncByteStream | None = request.content or None
-        except httpx.RequestNotRead:
-            data = request.stream  # type: ignore[assignment]
         with _mapped_errors():
             response = await session.request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=data,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
-                ),
+                method, _parsed_url(url), headers=headers, data=body or None, allow_redirects=False,
+                timeout=_client_timeout(timeouts.get("connect"), timeouts.get("read")),
             )
+        return AiohttpResponse(response)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            body = request.content
+        except httpx.RequestNotRead:
+            body = await request.aread()
+        response = await self.open(
+            request.method, str(request.url), request.headers.multi_items(), body,
+            request.extensions.get("timeout", {}),
+        )
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
             stream=_ResponseStream(response),
             request=request,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode()},
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason.encode()},
         )
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_url(url: str) -> yarl.URL:
+    # A gateway sends to the same few URLs all day; bounded, since clients choose paths and queries.
+    return yarl.URL(url)
+
+
+@functools.lru_cache(maxsize=16)
+def _client_timeout(connect: float | None, read: float | None) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)

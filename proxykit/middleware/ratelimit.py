@@ -6,13 +6,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxykit.body import ensure_body, or_answer
 from proxykit.config import ClientKey
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import RateLimitExceeded
+from proxykit.headers import set_response_headers
 from proxykit.ratelimit import Admission, RateLimiter
 
 
@@ -54,11 +54,11 @@ class RateLimitMiddleware:
         if admitted is None:
             return
         admissions, estimate = admitted
-        headers = _headers(admissions)
+        headers = [(name.encode(), value.encode()) for name, value in _headers(admissions).items()]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).update(headers)
+                set_response_headers(message, headers)
             await send(message)
 
         try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxykit.context import ensure_context
+from proxykit.headers import set_response_headers
 from proxykit.logs import request_id_var
 
 logger = logging.getLogger("proxykit.access")
@@ -23,7 +23,7 @@ class RequestIdMiddleware:
 
     def __init__(self, app: ASGIApp, *, header: str = "x-request-id") -> None:
         self.app = app
-        self.header = header
+        self.header = header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan and websocket pass straight through
@@ -35,10 +35,10 @@ class RequestIdMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ctx.status = message["status"]
-                headers = MutableHeaders(scope=message)
-                headers[self.header] = ctx.request_id
+                added = [(self.header, ctx.request_id.encode("latin-1"))]
                 if ctx.attempts:
-                    headers["x-proxykit-attempts"] = ctx.attempts_header()
+                    added.append((b"x-proxykit-attempts", ctx.attempts_header().encode("latin-1")))
+                set_response_headers(message, added)
             await send(message)
 
         try:

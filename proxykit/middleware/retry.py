@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxykit.body import ensure_body, or_answer, replay, wait_unless_disconnected
 from proxykit.config import Config
 from proxykit.context import RequestContext, ensure_context
+from proxykit.headers import set_response_headers
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class _Attempt:
 
 def _mark_retried(start: Message) -> None:
     # proxykit already retried: SDK clients must not multiply the load by retrying again.
-    MutableHeaders(scope=start)["x-should-retry"] = "false"
+    set_response_headers(start, [(b"x-should-retry", b"false")])
 
 
 async def _replay_held(held: _Held, send: Send) -> None:
