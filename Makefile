@@ -25,17 +25,18 @@ test: lint
 	exit $$status
 
 # Performance is measured here, never asserted in tests: wrk and redis-server from Debian, and
-# LiteLLM's proxy in a throwaway virtualenv outside the repo, all in one run on this machine.
+# LiteLLM's proxy (the version the issue's anchors used) in a throwaway virtualenv outside the
+# repo, all in one interleaved run on this machine. BENCH_ARGS=--quick for a short try.
 LITELLM_VENV ?= /tmp/proxykit-bench-litellm
+BENCH_ARGS ?=
 
 bench: $(BIN)/.installed
 	command -v wrk >/dev/null && command -v redis-server >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq wrk redis-server)
 	test -x $(LITELLM_VENV)/bin/litellm || ($(PYTHON) -m venv $(LITELLM_VENV) && \
-		$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]' httptools uvloop)
+		$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==1.106.2' httptools uvloop)
 	$(BIN)/python -m tests.benchmarks.key_choice
-	$(BIN)/python -m tests.benchmarks.throughput --litellm $(LITELLM_VENV)/bin/litellm
-	taskset -c 1 $(BIN)/python -m tests.benchmarks.streams --litellm $(LITELLM_VENV)/bin/litellm
+	$(BIN)/python -m tests.benchmarks.run --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -114,7 +114,8 @@ def _forwarding_stack(resources: Resources) -> ASGIApp:
         app, pool=resources.keys, max_body_bytes=body_limit, queue_timeout=config.limits.queue_timeout,
         shared_limiter=resources.limiter if resources.redis is not None else None,
     )
-    app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
+    if config.retry.attempts:  # none configured: no layer to pass through
+        app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
     if limits := ClientLimits.by_client(config.auth.keys):  # before any upstream attempt is spent
         app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
     return app

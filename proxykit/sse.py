@@ -60,9 +60,15 @@ class UsageReader:
             self.usage = usage
 
     def _scan_lines(self, chunk: bytes) -> None:
-        lines = (self._line + chunk).split(b"\n")
-        self._line = lines.pop()  # unfinished: wait for the rest
-        for line in lines:
+        data = self._line + chunk  # starts at the start of a line
+        whole = data.rfind(b"\n") + 1
+        self._line, lines = data[whole:], data[:whole]  # an unfinished line waits for the rest
+        if _USAGE not in lines:
+            # Most events: counted without splitting lines, which cost ~5% of the CPU of a stream.
+            starts = b"\n" + lines
+            self.events += starts.count(b"\ndata:") - starts.count(b"\ndata: [DONE]") - starts.count(b"\ndata:[DONE]")
+            return
+        for line in lines.split(b"\n"):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()

@@ -1,7 +1,8 @@
-"""The fastest honest upstream for benchmarks: a fixed ~1 KB chat completion answered at once, or,
-for `"stream": true`, MOCK_EVENTS server-sent events MOCK_GAP_MS apart.
+"""The fastest honest upstream for benchmarks: a fixed ~1 KB chat completion, or, for
+`"stream": true`, MOCK_EVENTS server-sent events MOCK_GAP_MS apart; either after MOCK_LATENCY_MS
+(default 0: at once).
 
-    MOCK_EVENTS=50 MOCK_GAP_MS=2 python -m uvicorn tests.benchmarks.mock_upstream:app --port 8001
+    MOCK_LATENCY_MS=50 MOCK_EVENTS=50 MOCK_GAP_MS=2 python -m uvicorn tests.benchmarks.mock_upstream:app --port 8001
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BODY = json.dumps({
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
 EVENTS = int(os.environ.get("MOCK_EVENTS", "50"))
 GAP = float(os.environ.get("MOCK_GAP_MS", "2")) / 1000
+LATENCY = float(os.environ.get("MOCK_LATENCY_MS", "0")) / 1000
 CHUNK = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench",
                     "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]})
 USAGE = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench",
@@ -33,6 +35,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
     body = await read_body(receive)
+    if LATENCY:
+        await asyncio.sleep(LATENCY)
     if b'"stream": true' not in body and b'"stream":true' not in body:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         await send({"type": "http.response.body", "body": BODY})

@@ -1,0 +1,182 @@
+"""The processes a benchmark runs: the mock upstream, the floor proxy, proxykit, LiteLLM's proxy.
+
+Each proxy is pinned to core 0 (`taskset`); the mock, redis and the load generator to core 1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+
+PROXY_CORE, LOAD_CORE = 0, 1
+CLIENT_KEY = "pk-bench"
+
+# No cost-map download at start, quiet logs, and no master key: it would refuse to start without one.
+LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(command: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["taskset", "-c", str(core), *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None) -> None:
+    for _ in range(2400):  # LiteLLM takes a while to start
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process for {url} exited with {process.returncode}")
+        try:
+            httpx.post(f"{url}/v1/chat/completions", json={"model": "bench"}, timeout=1,
+                       headers={"authorization": f"Bearer {CLIENT_KEY}"})
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants (LiteLLM may fork a server)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        with suppress(OSError):
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return total
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The largest resident set the process (and its descendants, added up) reached."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        with suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return total
+
+
+def proxykit_config(upstream: str, *, full: bool, redis_url: str | None = None) -> dict[str, object]:
+    """Bare: forwarding only (no auth, no metrics, no retry, one key). Full: auth, a pool of 100
+    upstream keys with usage-based rotation, client limits too high to trigger, retry, metrics."""
+    if not full:
+        return {
+            "models": [{"name": "bench", "deployments": [{"base_url": f"{upstream}/v1", "api_keys": ["sk-bench"]}]}],
+            "metrics": {"enabled": False},
+            "retry": {"attempts": 0},
+        }
+    data: dict[str, object] = {
+        "models": [{"name": "bench", "deployments": [
+            {"base_url": f"{upstream}/v1", "api_keys": [f"sk-bench-{i}" for i in range(100)]}]}],
+        "auth": {"keys": [{"name": "bench", "key": CLIENT_KEY, "rpm": 10**8, "tpm": 10**10}]},
+        "routing": {"strategy": "usage-based"},
+        "metrics": {"enabled": True},
+    }
+    if redis_url:
+        data["limits"] = {"backend": "redis", "redis_url": redis_url}
+    return data
+
+
+def litellm_config(upstream: str) -> dict[str, object]:
+    """LiteLLM's fastest honest setup: one model in front of the same mock, no database, quiet logs."""
+    return {
+        "model_list": [{"model_name": "bench", "litellm_params": {
+            "model": "openai/bench", "api_base": f"{upstream}/v1", "api_key": "sk-bench"}}],
+        "litellm_settings": {"set_verbose": False, "json_logs": False, "turn_off_message_logging": True},
+    }
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    pid: int | None  # the proxy's process, for CPU and memory; None for the direct connection
+
+
+@dataclass
+class Fleet:
+    """One mock upstream and every proxy in front of it."""
+
+    targets: list[Target] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def close(self) -> None:
+        stop(self.processes)
+
+
+def start_fleet(tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None) -> Fleet:
+    fleet = Fleet()
+    try:
+        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url)
+    except BaseException:
+        fleet.close()
+        raise
+    return fleet
+
+
+def _start_fleet(
+    fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None
+) -> None:
+    def add(name: str, command: list[str], port: int, core: int, env: dict[str, str] | None = None) -> None:
+        process = start(command, core, env)
+        fleet.processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        fleet.targets.append(Target(name, url, process.pid if core == PROXY_CORE else None))
+        wait_ready(url, process)
+
+    python = sys.executable
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    add("direct", [python, "-m", "uvicorn", "tests.benchmarks.mock_upstream:app", "--port", str(port),
+                   "--log-level", "warning", "--no-access-log"], port, LOAD_CORE, mock_env)
+    port = free_port()
+    add("floor", [python, "-m", "uvicorn", "tests.benchmarks.floor_proxy:app", "--port", str(port),
+                  "--log-level", "warning", "--no-access-log"], port, PROXY_CORE, {"FLOOR_UPSTREAM": upstream})
+    variants = {"proxykit bare": proxykit_config(upstream, full=False),
+                "proxykit full": proxykit_config(upstream, full=True)}
+    if redis_url:
+        variants["proxykit full, redis"] = proxykit_config(upstream, full=True, redis_url=redis_url)
+    for name, data in variants.items():
+        port = free_port()
+        path = tmp / f"proxykit-{port}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        add(name, [python, "-m", "proxykit", "serve", "--config", str(path), "--port", str(port),
+                   "--log-level", "warning"], port, PROXY_CORE)
+    if litellm:
+        port = free_port()
+        path = tmp / f"litellm-{port}.yaml"
+        path.write_text(yaml.safe_dump(litellm_config(upstream)))
+        add("litellm", [litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"], port,
+            PROXY_CORE, LITELLM_ENV)

@@ -1,0 +1,293 @@
+"""`make bench`: proxykit against a direct connection, a bare aiohttp floor proxy and LiteLLM's
+proxy, in one interleaved run. Prints Markdown tables and writes every raw figure as JSON.
+
+    python -m tests.benchmarks.run [--litellm VENV/bin/litellm] [--repeat 3] [--seconds 5] [--quick]
+
+Each proxy is pinned to core 0; this process (the streaming clients), wrk, the mock upstream and
+redis to core 1. Every figure is the median of `--repeat` runs with its range; targets are
+rotated within each repetition, so drift on a shared machine hits every row alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from tests.benchmarks.processes import LOAD_CORE, Fleet, free_port, peak_rss_mib, start, start_fleet, stop
+from tests.benchmarks.streams import Stream, load, quantile
+from tests.benchmarks.throughput import POST_SCRIPT, run_wrk
+
+RESULTS = Path(__file__).parent / "results"
+CONCURRENCY = (1, 16, 64, 256)
+LATENCIES_MS = (0, 50)
+FULL = "proxykit full"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--litellm", help="the litellm command of a throwaway virtualenv")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5, help="of each wrk run")
+    parser.add_argument("--soak-streams", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="one repetition of 2 s runs: for trying things")
+    parser.add_argument("--only", choices=("plain", "streams", "soak"), action="append", help="run only these parts")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeat, args.seconds = 1, 2
+    os.sched_setaffinity(0, {LOAD_CORE})
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 500 streams through a proxy are 2,000 sockets
+    parts = args.only or ["plain", "streams", "soak"]
+    tmp = Path(tempfile.mkdtemp(prefix="proxykit-bench-"))
+    results: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "settings": {"repeat": args.repeat, "seconds": args.seconds, "soak_streams": args.soak_streams,
+                     "litellm": args.litellm},
+    }
+    with _redis() as redis_url:
+        if "plain" in parts:
+            results["plain"] = plain(tmp, args, redis_url)
+    if "streams" in parts:
+        results["streams"] = streams(tmp, args)
+    if "soak" in parts:
+        results["soak"] = soak(tmp, args)
+    results["targets"] = targets(results)
+    report(results)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{results['when'].replace(':', '')}.json"
+    path.write_text(json.dumps(results, indent=1, allow_nan=True))
+    print(f"\nraw results: {path}")
+
+
+def plain(tmp: Path, args: argparse.Namespace, redis_url: str | None) -> list[dict[str, Any]]:
+    """Non-streaming: every concurrency and upstream latency, every target."""
+    script = tmp / "post.lua"
+    script.write_text(POST_SCRIPT)
+    cells: list[dict[str, Any]] = []
+    for latency in LATENCIES_MS:
+        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url) as fleet:
+            runs: dict[tuple[int, str], list[dict[str, float]]] = {}
+            for _ in range(args.repeat):
+                for concurrency in CONCURRENCY:
+                    for target in fleet.targets:
+                        runs.setdefault((concurrency, target.name), []).append(
+                            run_wrk(target, concurrency, args.seconds, script))
+            for (concurrency, name), measured in runs.items():
+                cells.append({"latency_ms": latency, "concurrency": concurrency, "target": name, "runs": measured,
+                              **_medians(measured)})
+    return cells
+
+
+def streams(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """50 events 2 ms apart, at 1 and 64 concurrent."""
+    cells: list[dict[str, Any]] = []
+    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": "2"}, args.litellm, None) as fleet:
+        runs: dict[tuple[int, str], list[dict[str, float]]] = {}
+        for _ in range(args.repeat):
+            for concurrency, per_client in ((1, 20), (64, 3)):
+                for target in fleet.targets:
+                    finished = [s for s in uvloop.run(load(target.url, concurrency, per_client)) if s is not None]
+                    runs.setdefault((concurrency, target.name), []).append(
+                        _stream_figures(finished, concurrency * per_client))
+        for (concurrency, name), figures in runs.items():
+            cells.append({"concurrency": concurrency, "target": name, "runs": figures, **_medians(figures)})
+    return cells
+
+
+def soak(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--soak-streams` concurrent streams of 10 s (50 events 200 ms apart)."""
+    cells: list[dict[str, Any]] = []
+    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": "200"}, args.litellm, None) as fleet:
+        runs: dict[str, list[dict[str, float]]] = {}
+        for _ in range(args.repeat):
+            for target in fleet.targets:
+                streams_ = uvloop.run(load(target.url, args.soak_streams, 1))
+                complete = [s for s in streams_ if s is not None and s.done]
+                runs.setdefault(target.name, []).append({
+                    "completed": len(complete),
+                    "first_event_p99_ms": quantile([s.first_event for s in complete], 0.99) * 1000,
+                })
+        for target in fleet.targets:
+            rss = peak_rss_mib(target.pid) if target.pid else float("nan")
+            cells.append({"target": target.name, "runs": runs[target.name], "peak_rss_mib": rss,
+                          **_medians(runs[target.name])})
+    return cells
+
+
+def _stream_figures(measured: list[Stream], expected: int) -> dict[str, float]:
+    return {
+        "completed": sum(s.done for s in measured) / expected,
+        "first_event_p50_ms": quantile([s.first_event for s in measured], 0.5) * 1000,
+        "first_event_p99_ms": quantile([s.first_event for s in measured], 0.99) * 1000,
+        "total_p50_ms": quantile([s.total for s in measured], 0.5) * 1000,
+        "largest_gap_p99_ms": quantile([s.largest_gap for s in measured], 0.99) * 1000,
+        "events_per_read": sum(s.events for s in measured) / max(1, sum(s.reads for s in measured)),
+    }
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs if not math.isnan(run[key])]
+        figures[key] = statistics.median(values) if values else float("nan")
+        figures[f"{key}_range"] = [min(values), max(values)] if values else None
+    return figures
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with what this run measured."""
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, required: str, value: float, met: bool) -> None:
+        checks.append({"target": name, "required": required, "measured": value, "met": bool(met)})
+
+    plain_cells = results.get("plain", [])
+    full, floor, litellm = (_cell(plain_cells, name, 0, 64) for name in (FULL, "floor", "litellm"))
+    if full and litellm:
+        ratio = full["rps"] / litellm["rps"]
+        check("full stack req/s at 64 vs LiteLLM", ">= 25x", ratio, ratio >= 25)
+    if full and floor:
+        ratio = full["rps"] / floor["rps"]
+        check("full stack req/s at 64 vs floor", ">= 0.50", ratio, ratio >= 0.5)
+    full1, floor1, direct1 = (_cell(plain_cells, name, 0, 1) for name in (FULL, "floor", "direct"))
+    if full1 and floor1 and direct1:
+        extra = full1["p50_ms"] - floor1["p50_ms"]
+        check("full stack added p50 at 1 vs floor's (ms)", "<= +0.15", extra, extra <= 0.15)
+    stream_cells = results.get("streams", [])
+    full_s, floor_s = (_cell(stream_cells, name, None, 64) for name in (FULL, "floor"))
+    if full_s and floor_s:
+        ratio = full_s["first_event_p99_ms"] / floor_s["first_event_p99_ms"]
+        check("streaming first event p99 at 64 vs floor", "<= 2x", ratio, ratio <= 2)
+        check("events per read at 64", "1.0", full_s["events_per_read"], full_s["events_per_read"] < 1.01)
+    soak_full = next((c for c in results.get("soak", []) if c["target"] == FULL), None)
+    if soak_full:
+        expected = results["settings"]["soak_streams"]
+        check("soak streams completed", f"{expected} of {expected}", soak_full["completed"],
+              min(run["completed"] for run in soak_full["runs"]) == expected)
+        check("soak peak RSS (MiB)", "< 80", soak_full["peak_rss_mib"], soak_full["peak_rss_mib"] < 80)
+    return checks
+
+
+def _cell(cells: list[dict[str, Any]], target: str, latency: int | None, concurrency: int) -> dict[str, Any] | None:
+    return next((c for c in cells if c["target"] == target and c["concurrency"] == concurrency
+                 and c.get("latency_ms") == latency), None)
+
+
+def report(results: dict[str, Any]) -> None:
+    if cells := results.get("plain"):
+        print("\n## Non-streaming (~1 KB chat completion; median of runs, range in brackets)\n")
+        print("| upstream | conc. | target | req/s | vs floor | vs LiteLLM | p50 ms | p99 ms | added p50 ms "
+              "| CPU s / 1k req | vs floor | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for cell in cells:
+            key = (cell["latency_ms"], cell["concurrency"])
+            same = [c for c in cells if (c["latency_ms"], c["concurrency"]) == key]
+            floor, litellm, direct = (_named(same, name) for name in ("floor", "litellm", "direct"))
+            low, high = cell["rps_range"]
+            print(f"| {cell['latency_ms']} ms | {cell['concurrency']} | {cell['target']} "
+                  f"| {cell['rps']:,.0f} [{low:,.0f}-{high:,.0f}] | {_ratio(cell, floor, 'rps', 2)} "
+                  f"| {_ratio(cell, litellm, 'rps', 1)} | {cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} "
+                  f"| {_added(cell, direct)} | {_num(cell['cpu_s_per_1k'], 3)} "
+                  f"| {_ratio(cell, floor, 'cpu_s_per_1k', 2)} | {cell['errors']:.0f} |")
+    if cells := results.get("streams"):
+        print("\n## Streaming (50 events 2 ms apart)\n")
+        print("| conc. | target | first event p50 / p99 ms | p99 vs floor | total p50 ms | largest gap p99 ms "
+              "| events per read | completed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for cell in cells:
+            floor = _named([c for c in cells if c["concurrency"] == cell["concurrency"]], "floor")
+            print(f"| {cell['concurrency']} | {cell['target']} | {cell['first_event_p50_ms']:.1f} / "
+                  f"{cell['first_event_p99_ms']:.1f} | {_ratio(cell, floor, 'first_event_p99_ms', 2)} "
+                  f"| {cell['total_p50_ms']:.0f} | {cell['largest_gap_p99_ms']:.1f} | {cell['events_per_read']:.2f} "
+                  f"| {cell['completed']:.0%} |")
+    if cells := results.get("soak"):
+        print(f"\n## {results['settings']['soak_streams']} concurrent streams of 10 s\n")
+        print("| target | completed (min) | first event p99 ms | peak RSS MiB |")
+        print("|---|---|---|---|")
+        for cell in cells:
+            least = min(run["completed"] for run in cell["runs"])
+            print(f"| {cell['target']} | {cell['completed']:.0f} ({least}) | {cell['first_event_p99_ms']:,.0f} "
+                  f"| {_num(cell['peak_rss_mib'], 0)} |")
+    if checks := results.get("targets"):
+        print("\n## Targets (proxykit full stack, this run)\n")
+        print("| target | required | measured | met |")
+        print("|---|---|---|---|")
+        for item in checks:
+            met = "yes" if item["met"] else "NO"
+            print(f"| {item['target']} | {item['required']} | {item['measured']:.2f} | {met} |")
+
+
+def _named(cells: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((c for c in cells if c["target"] == name), None)
+
+
+def _ratio(cell: dict[str, Any], other: dict[str, Any] | None, key: str, digits: int) -> str:
+    if other is None or cell is other or not other[key] or math.isnan(other[key]) or math.isnan(cell[key]):
+        return "-"
+    return f"{cell[key] / other[key]:.{digits}f}x"
+
+
+def _added(cell: dict[str, Any], direct: dict[str, Any] | None) -> str:
+    return "-" if direct is None or cell is direct else f"{cell['p50_ms'] - direct['p50_ms']:+.2f}"
+
+
+def _num(value: float, digits: int) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+@contextmanager
+def _fleet(tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: str | None) -> Iterator[Fleet]:
+    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+@contextmanager
+def _redis() -> Iterator[str | None]:
+    """A throwaway redis-server for the `proxykit full, redis` row, when Debian's is installed."""
+    if not shutil.which("redis-server"):
+        yield None
+        return
+    port = free_port()
+    process = start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                    LOAD_CORE)
+    try:
+        _wait_for_port(port, process)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop([process])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], tries: int = 200) -> None:
+    for _ in range(tries):
+        if process.poll() is not None:
+            raise RuntimeError("redis-server exited")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+if __name__ == "__main__":
+    main()

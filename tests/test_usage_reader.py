@@ -1,0 +1,75 @@
+"""Usage read from plain JSON bodies: the fast read of a trailing `usage` must agree with a full parse."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from proxykit.sse import UsageReader
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def read(body: bytes, *, chunk: int = 7) -> dict[str, Any] | None:
+    reader = UsageReader(event_stream=False, encoding=None)
+    for start in range(0, len(body), chunk):  # as the socket would deliver it, in pieces
+        reader.feed(body[start:start + chunk])
+    reader.finish()
+    return reader.usage
+
+
+def top_level_usage(body: bytes) -> Any:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps({"id": "x", "choices": [], "usage": USAGE}).encode(),  # OpenAI's shape: usage last
+    json.dumps({"id": "x", "usage": USAGE, "choices": []}).encode(),  # usage first
+    json.dumps({"choices": [{"message": {"content": "é \"usage\": {}"}}], "usage": USAGE}, ensure_ascii=False).encode(),
+    json.dumps({"usage": USAGE, "meta": {"usage": {"prompt_tokens": 99}}}).encode(),  # a nested one after it
+    json.dumps({"meta": {"usage": {"prompt_tokens": 99}}}).encode(),  # only a nested one
+    json.dumps({"choices": [], "usage": None}).encode(),
+    json.dumps([{"usage": USAGE}]).encode(),  # not an object
+    b'{"choices": [], "usage" :\n {"prompt_tokens": 3} }\n',  # spacing
+    b'{"choices": [], "usage": {"prompt_tokens": 3}',  # cut short: not JSON
+    b'{"usage": {"prompt_tokens": 3}} trailing',
+])
+def test_usage_of_a_plain_body_is_the_top_level_field(body: bytes) -> None:
+    assert read(body) == top_level_usage(body)
+
+
+def test_the_usual_body_yields_its_usage() -> None:
+    # Guards the test above against agreeing on None everywhere.
+    assert read(json.dumps({"choices": [], "usage": USAGE}).encode()) == USAGE
+
+
+STREAM = b"".join([
+    b'data: {"choices":[{"delta":{"content":"x data: y [DONE]"}}]}\n\n',
+    b'data:{"choices":[{"delta":{"content":"z"}}]}\r\n\r\n',
+    b": keep-alive comment\n\n",
+    b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
+    b"data: [DONE]\n\n",
+])
+
+
+@pytest.mark.parametrize("cut", range(1, len(STREAM)))
+def test_stream_events_and_usage_survive_any_split(cut: int) -> None:
+    reader = UsageReader(event_stream=True, encoding=None)
+    reader.feed(STREAM[:cut])
+    reader.feed(STREAM[cut:])
+    reader.finish()
+    assert (reader.events, reader.usage) == (3, {"total_tokens": 3})
+
+
+def test_stream_read_a_byte_at_a_time() -> None:
+    reader = UsageReader(event_stream=True, encoding=None)
+    for i in range(len(STREAM)):
+        reader.feed(STREAM[i:i + 1])
+    assert (reader.events, reader.usage) == (3, {"total_tokens": 3})
