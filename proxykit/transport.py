@@ -10,7 +10,7 @@ plug respx into), but its own pool cannot carry an LLM gateway's load: measured 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final
 
@@ -112,7 +112,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
 
     async def open(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes, timeouts: Mapping[str, float | None]
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | AsyncIterable[bytes],
+        timeouts: Mapping[str, float | None],
     ) -> AiohttpResponse:
         """The request sent straight through aiohttp: what the forwarder calls (`proxykit.upstream`)."""
         session = self._session
@@ -127,13 +128,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            body = request.content
+            body: bytes | AsyncIterable[bytes] = request.content
         except httpx.RequestNotRead:
-            body = await request.aread()
-        response = await self.open(
-            request.method, str(request.url), request.headers.multi_items(), body,
-            request.extensions.get("timeout", {}),
-        )
+            body = request.stream  # type: ignore[assignment]  # a streamed upload stays streamed
+        # aiohttp frames a streamed body itself, and refuses one that already says it is chunked.
+        headers = [(name, value) for name, value in request.headers.multi_items() if name != "transfer-encoding"]
+        timeouts = request.extensions.get("timeout", {})
+        response = await self.open(request.method, str(request.url), headers, body, timeouts)
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,

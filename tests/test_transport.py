@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 import httpx
 import pytest
@@ -33,6 +35,20 @@ async def test_aiohttp_adds_no_headers_of_its_own() -> None:
     # An Accept-Encoding the client never sent would get it a compressed body it cannot read.
     assert "accept-encoding" not in sent
     assert "user-agent" not in sent
+
+
+async def test_a_streamed_upload_arrives_whole() -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        for part in (b'{"model": ', b'"m", ', b'"n": 1}'):
+            yield part
+
+    upstream = Records()
+    async with serve(upstream, lifespan="off") as url:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+            response = await client.post(url, content=parts())
+    assert response.status_code == 200
+    assert upstream.bodies == [b'{"model": "m", "n": 1}']
+    assert upstream.headers[0].get("transfer-encoding") == "chunked"  # sent as it came, not read first
 
 
 async def test_connection_is_reused_after_a_full_read() -> None:

@@ -95,15 +95,16 @@ class BreaksOff:
 
 
 class Records:
-    """Answers 200 with a small JSON body and keeps every request's headers."""
+    """Answers 200 with a small JSON body and keeps every request's headers and body."""
 
     def __init__(self) -> None:
         self.headers: list[dict[str, str]] = []
+        self.bodies: list[bytes] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        await read_body(receive)
+        self.bodies.append(await read_body(receive))
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         body = b'{"ok": true}'
         await send({"type": "http.response.start", "status": 200,
