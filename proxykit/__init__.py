@@ -2,7 +2,8 @@
 
 from proxykit.app import create_app
 from proxykit.body import replay
-from proxykit.config import Config, ConfigError, config_from_dict, load_config
+from proxykit.config import Config, ConfigError
+from proxykit.config_reader import config_from_dict, load_config
 from proxykit.context import RequestContext, ensure_context, get_context
 from proxykit.demo import DemoUpstream
 from proxykit.errors import ProxyError, send_error

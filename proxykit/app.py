@@ -17,7 +17,8 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxykit._utils import route_path
-from proxykit.config import Config, config_from_dict, load_config
+from proxykit.config import Config
+from proxykit.config_reader import config_from_dict, load_config
 from proxykit.context import ensure_context
 from proxykit.endpoints import Endpoints
 from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound

@@ -19,7 +19,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from proxykit.app import create_app
-from proxykit.config import Config, ConfigError, config_from_dict, load_config
+from proxykit.config import Config, ConfigError
+from proxykit.config_reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
 from proxykit.logs import configure_logging
 from proxykit.metrics import MULTIPROCESS_ENV

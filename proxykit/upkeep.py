@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import httpx
 
-from proxykit.config import read_key_file
+from proxykit.config_reader import read_key_file
 from proxykit.keys import KeyPool, KeyState
 
 if TYPE_CHECKING:
