@@ -6,11 +6,13 @@ Each proxy is pinned to core 0 (`taskset`); the mock, redis and the load generat
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,3 +182,30 @@ def _start_fleet(
         path.write_text(yaml.safe_dump(litellm_config(upstream)))
         add("litellm", [litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"], port,
             PROXY_CORE, LITELLM_ENV)
+
+
+@contextmanager
+def redis_server() -> Iterator[str | None]:
+    """A throwaway redis-server for the `proxykit full, redis` row, when Debian's is installed."""
+    if not shutil.which("redis-server"):
+        yield None
+        return
+    port = free_port()
+    process = start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                    LOAD_CORE)
+    try:
+        wait_for_port(port, process)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop([process])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], tries: int = 200) -> None:
+    for _ in range(tries):
+        if process.poll() is not None:
+            raise RuntimeError("redis-server exited")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")

@@ -17,12 +17,8 @@ import math
 import os
 import platform
 import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +26,7 @@ from typing import Any
 
 import uvloop
 
-from tests.benchmarks.processes import LOAD_CORE, Fleet, free_port, peak_rss_mib, start, start_fleet, stop
+from tests.benchmarks.processes import LOAD_CORE, Fleet, peak_rss_mib, redis_server, start_fleet
 from tests.benchmarks.streams import Stream, load, quantile
 from tests.benchmarks.throughput import POST_SCRIPT, run_wrk
 
@@ -62,7 +58,7 @@ def main() -> None:
         "settings": {"repeat": args.repeat, "seconds": args.seconds, "soak_streams": args.soak_streams,
                      "litellm": args.litellm},
     }
-    with _redis() as redis_url:
+    with redis_server() as redis_url:
         if "plain" in parts:
             results["plain"] = plain(tmp, args, redis_url)
     if "streams" in parts:
@@ -260,33 +256,6 @@ def _fleet(tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: 
         yield fleet
     finally:
         fleet.close()
-
-
-@contextmanager
-def _redis() -> Iterator[str | None]:
-    """A throwaway redis-server for the `proxykit full, redis` row, when Debian's is installed."""
-    if not shutil.which("redis-server"):
-        yield None
-        return
-    port = free_port()
-    process = start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                    LOAD_CORE)
-    try:
-        _wait_for_port(port, process)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop([process])
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], tries: int = 200) -> None:
-    for _ in range(tries):
-        if process.poll() is not None:
-            raise RuntimeError("redis-server exited")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 if __name__ == "__main__":
