@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from tests.benchmarks.processes import CLIENT_KEY, LOAD_CORE, Target, cpu_seconds
@@ -24,6 +25,10 @@ def _ms(output: str, label: str) -> float:
 
 
 def run_wrk(target: Target, concurrency: int, seconds: int, script: Path) -> dict[str, float]:
+    # Back to back, the connections of the run before were seen to delay some of the next run's
+    # hundreds of new connections by 1-4 s, through the floor as through proxykit (whose own
+    # access log showed nothing over 0.2 s): a pause lets the loopback settle.
+    time.sleep(1)
     cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
     output = subprocess.run(
         ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s",
