@@ -129,15 +129,14 @@ def _trailing_usage(body: bytes) -> Any:
     if at == -1 or not body.lstrip().startswith(b"{"):
         return None
     try:
-        tail = body[at + len(_USAGE):].decode()
-        colon = len(tail) - len(tail.lstrip())
-        if tail[colon:colon + 1] != ":":
+        after_key = body[at + len(_USAGE):].decode().lstrip()
+        if not after_key.startswith(":"):
             return None
-        start = colon + 1 + len(tail[colon + 1:]) - len(tail[colon + 1:].lstrip())
-        usage, end = _DECODER.raw_decode(tail, start)
+        value = after_key[1:].lstrip()
+        usage, end = _DECODER.raw_decode(value)
     except ValueError:  # UnicodeDecodeError is one
         return None
-    return usage if tail[end:].strip() == "}" else None
+    return usage if value[end:].strip() == "}" else None
 
 
 def _usage_of(data: bytes) -> dict[str, Any] | None:

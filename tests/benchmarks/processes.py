@@ -62,31 +62,35 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None) -> None
     raise RuntimeError(f"{url} did not start")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its descendants (LiteLLM may fork a server)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, pending = 0.0, [pid]
+def _tree(pid: int) -> Iterator[int]:
+    """A process and all its descendants (LiteLLM may fork its server)."""
+    pending = [pid]
     while pending:
         current = pending.pop()
+        yield current
+        with suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process tree."""
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for current in _tree(pid):
         with suppress(OSError):
             fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(child) for child in (task / "children").read_text().split()]
     return total
 
 
 def peak_rss_mib(pid: int) -> float:
-    """The largest resident set the process (and its descendants, added up) reached."""
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
+    """The largest resident set each process of the tree reached, added up."""
+    total = 0.0
+    for current in _tree(pid):
         with suppress(OSError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1]) / 1024
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(child) for child in (task / "children").read_text().split()]
     return total
 
 
