@@ -40,12 +40,11 @@ async def ensure_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
 
 
 async def _read_bounded(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
-    too_large = RequestTooLarge(f"the request body is larger than the limit of {max_bytes} bytes")
     for name, value in scope["headers"]:
         if name == b"content-length":
             # Refuse before reading: a client announcing 1 GB is not made to upload it.
             if value.isdigit() and int(value) > max_bytes:
-                raise too_large
+                raise _too_large(max_bytes)
             break
     chunks: list[bytes] = []
     size = 0
@@ -56,10 +55,14 @@ async def _read_bounded(scope: Scope, receive: Receive, max_bytes: int) -> bytes
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:  # a chunked upload has no Content-Length to check up front
-            raise too_large
+            raise _too_large(max_bytes)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> RequestTooLarge:
+    return RequestTooLarge(f"the request body is larger than the limit of {max_bytes} bytes")
 
 
 async def ensure_payload(scope: Scope, receive: Receive, max_bytes: int) -> dict[str, Any]:
