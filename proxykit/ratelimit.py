@@ -14,14 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 WINDOW: Final = 60.0  # limits are per minute
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):  # a tuple: made twice a request, where a frozen dataclass costs ~1 µs
     allowed: bool
     limit: int
     remaining: int  # what fits now, after this admission
@@ -67,11 +65,15 @@ class MemoryRateLimiter:
 
     async def admit_all(self, takes: Sequence[Take]) -> list[Admission]:
         now = self.clock()
-        verdicts = [gcra(self._tat.get(key, now), now, amount, limit) for key, amount, limit in takes]
-        if all(admission.allowed for _, admission in verdicts):
-            for (key, _, _), (tat, _) in zip(takes, verdicts, strict=True):
+        tats, admissions = [], []
+        for key, amount, limit in takes:
+            tat, admission = gcra(self._tat.get(key, now), now, amount, limit)
+            tats.append(tat)
+            admissions.append(admission)
+        if all(admission.allowed for admission in admissions):
+            for (key, _, _), tat in zip(takes, tats, strict=True):
                 self._tat[key] = tat
-        return [admission for _, admission in verdicts]
+        return admissions
 
     async def settle(self, key: str, amount: float, *, limit: int) -> None:
         now = self.clock()

@@ -54,8 +54,10 @@ async def test_client_leaving_during_the_first_byte_wait_ends_the_upstream_reque
             await upstream.disconnected.wait()
 
 
-async def test_no_first_byte_in_time_is_a_504() -> None:
-    async with proxy_in_front_of(Silent(), timeouts={"first_byte": 0.3}) as url, httpx.AsyncClient() as client:
+@pytest.mark.parametrize("first_byte", [0.005, 0.3])  # before and after the disconnect watch starts
+async def test_no_first_byte_in_time_is_a_504(first_byte: float) -> None:
+    timeouts = {"first_byte": first_byte}
+    async with proxy_in_front_of(Silent(), timeouts=timeouts) as url, httpx.AsyncClient() as client:
         response = await client.post(f"{url}/v1/chat/completions", json=CHAT)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "upstream_timeout"

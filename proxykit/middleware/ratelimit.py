@@ -26,6 +26,19 @@ class ClientLimits:
         return {key.name: cls(key.rpm, key.tpm) for key in keys if key.rpm or key.tpm}
 
 
+@dataclass(frozen=True, slots=True)
+class _Buckets:
+    """One client's limits and the names of its buckets, made once rather than per request."""
+
+    limits: ClientLimits
+    requests: str
+    tokens: str
+
+    @classmethod
+    def of(cls, client: str, limits: ClientLimits) -> _Buckets:
+        return cls(limits, f"client:{client}:rpm", f"client:{client}:tpm")
+
+
 class RateLimitMiddleware:
     """Refuses with 429 `rate_limit_exceeded` (and `Retry-After`) a client over its `rpm` or `tpm`,
     and puts OpenAI's `x-ratelimit-*` headers on every response of a limited client. Tokens are
@@ -40,21 +53,21 @@ class RateLimitMiddleware:
         self, app: ASGIApp, *, limits: Mapping[str, ClientLimits], limiter: RateLimiter, max_body_bytes: int
     ) -> None:
         self.app = app
-        self.limits = dict(limits)
+        self.buckets = {client: _Buckets.of(client, client_limits) for client, client_limits in limits.items()}
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = ensure_context(scope) if scope["type"] == "http" else None
-        limits = self.limits.get(ctx.client) if ctx is not None else None
-        if ctx is None or limits is None:
+        buckets = self.buckets.get(ctx.client) if ctx is not None else None
+        if ctx is None or buckets is None:
             await self.app(scope, receive, send)
             return
-        admitted = await or_answer(self._admit(ctx, limits, scope, receive), scope, receive, send)
+        admitted = await or_answer(self._admit(ctx, buckets, scope, receive), scope, receive, send)
         if admitted is None:
             return
         admissions, estimate = admitted
-        headers = [(name.encode(), value.encode()) for name, value in _headers(admissions).items()]
+        headers = _headers(admissions)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -64,29 +77,28 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            if limits.tpm:
-                await self.limiter.settle(_bucket(ctx, "tpm"), _tokens_used(ctx, estimate) - estimate, limit=limits.tpm)
+            if tpm := buckets.limits.tpm:
+                await self.limiter.settle(buckets.tokens, _tokens_used(ctx, estimate) - estimate, limit=tpm)
 
     async def _admit(
-        self, ctx: RequestContext, limits: ClientLimits, scope: Scope, receive: Receive
-    ) -> tuple[dict[str, Admission], int]:
+        self, ctx: RequestContext, buckets: _Buckets, scope: Scope, receive: Receive
+    ) -> tuple[dict[bytes, Admission], int]:
         body = await ensure_body(scope, receive, self.max_body_bytes)
+        limits = buckets.limits
         estimate = _estimate(ctx, body) if limits.tpm else 0
-        takes = {}
+        kinds, takes = [], []
         if limits.rpm:
-            takes["requests"] = (_bucket(ctx, "rpm"), 1.0, limits.rpm)
+            kinds.append(b"requests")
+            takes.append((buckets.requests, 1.0, limits.rpm))
         if limits.tpm:
-            takes["tokens"] = (_bucket(ctx, "tpm"), float(estimate), limits.tpm)
+            kinds.append(b"tokens")
+            takes.append((buckets.tokens, float(estimate), limits.tpm))
         # Both buckets at once, all or nothing: one round trip with Redis, nothing to give back.
-        admissions = dict(zip(takes, await self.limiter.admit_all(list(takes.values())), strict=True))
-        for kind, limit in (("requests", "rpm"), ("tokens", "tpm")):
+        admissions = dict(zip(kinds, await self.limiter.admit_all(takes), strict=True))
+        for kind, limit in ((b"requests", "rpm"), (b"tokens", "tpm")):
             if kind in admissions and not admissions[kind].allowed:
                 raise _refusal(ctx, limit, admissions)
         return admissions, estimate
-
-
-def _bucket(ctx: RequestContext, limit: str) -> str:
-    return f"client:{ctx.client}:{limit}"
 
 
 def _estimate(ctx: RequestContext, body: bytes) -> int:
@@ -111,21 +123,26 @@ def _tokens_used(ctx: RequestContext, estimate: int) -> int:
     return estimate  # an upstream that reports no usage: keep the reservation
 
 
-def _refusal(ctx: RequestContext, limit: str, admissions: dict[str, Admission]) -> RateLimitExceeded:
+def _refusal(ctx: RequestContext, limit: str, admissions: dict[bytes, Admission]) -> RateLimitExceeded:
     ctx.rate_limited = limit
-    refused = admissions["requests" if limit == "rpm" else "tokens"]
+    refused = admissions[b"requests" if limit == "rpm" else b"tokens"]
     wait = max(1, math.ceil(refused.retry_after))
     message = (
         f"rate limit reached for {ctx.client}: {refused.limit} {'requests' if limit == 'rpm' else 'tokens'} "
         f"per minute; retry in {wait} s"
     )
-    return RateLimitExceeded(message, headers={"retry-after": str(wait), **_headers(admissions)})
+    headers = {name.decode(): value.decode() for name, value in _headers(admissions)}
+    return RateLimitExceeded(message, headers={"retry-after": str(wait), **headers})
 
 
-def _headers(admissions: dict[str, Admission]) -> dict[str, str]:
-    headers = {}
+def _headers(admissions: dict[bytes, Admission]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`; resets like `6.5s`."""
+    headers: list[tuple[bytes, bytes]] = []
     for kind, admission in admissions.items():
-        headers[f"x-ratelimit-limit-{kind}"] = str(admission.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(admission.remaining)
-        headers[f"x-ratelimit-reset-{kind}"] = f"{admission.reset:.3f}".rstrip("0").rstrip(".") + "s"
+        reset = f"{admission.reset:.3f}".rstrip("0").rstrip(".")
+        headers += (
+            (b"x-ratelimit-limit-" + kind, b"%d" % admission.limit),
+            (b"x-ratelimit-remaining-" + kind, b"%d" % admission.remaining),
+            (b"x-ratelimit-reset-" + kind, reset.encode() + b"s"),
+        )
     return headers
