@@ -130,6 +130,8 @@ class Resources:
             self._client = None
         if self.redis is not None:
             await self.redis.aclose()
+        if self.metrics is not None:
+            self.metrics.close()
         self.state = ResourceState.CLOSED
 
     @asynccontextmanager

@@ -11,6 +11,7 @@ import anyio
 import httpx
 import prometheus_client
 import pytest
+import respx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -215,3 +216,26 @@ async def test_workers_report_totals_across_processes(tmp_path: Path) -> None:
                 scraped = [value((await client.get("/metrics")).text, "proxykit_requests_total", model="demo-chat")
                            for _ in range(4)]
     assert scraped == [20.0] * 4  # whichever worker answers the scrape
+
+
+async def test_changes_reach_a_host_reading_the_registry_and_are_folded_in_without_a_scrape() -> None:
+    router = respx.MockRouter(base_url="http://upstream.test/v1", using=None)
+    router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, PLAIN))
+    app = create_app(make_config(), transport=httpx.MockTransport(router.async_handler))
+    resources = app.state.resources
+    async with in_process(app) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        # A host app that serves the registry itself, not through proxykit's /metrics.
+        text = prometheus_client.generate_latest(resources.registry).decode()
+        assert value(text, "proxykit_requests_total", model="chat", status="200") == 1
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        requests = resources.metrics.requests  # its own collect() does not flush: only the timer can
+        with anyio.fail_after(5):  # a liveness bound: folded in within about a second
+            while value(_exposed(requests), "proxykit_requests_total", model="chat", status="200") != 2:
+                await anyio.sleep(0.05)
+
+
+def _exposed(metric: prometheus_client.metrics.MetricWrapperBase) -> str:
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(metric)
+    return prometheus_client.generate_latest(registry).decode()

@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxykit.config import Pricing
 from proxykit.context import RequestContext, ensure_context
-from proxykit.metrics import ProxyMetrics
+from proxykit.metrics import Change, Observation, ProxyMetrics
 
 
 class MetricsMiddleware:
@@ -31,12 +31,11 @@ class MetricsMiddleware:
         ctx = ensure_context(scope)
         metrics = self.metrics
         counted_as = ctx.model
-        metrics.labelled(metrics.in_flight, counted_as).inc()
+        metrics.add(metrics.in_flight, (counted_as,))
 
         def moved_to(model: str) -> None:  # the model is known only once an inner layer read the body
             nonlocal counted_as
-            metrics.labelled(metrics.in_flight, counted_as).dec()
-            metrics.labelled(metrics.in_flight, model).inc()
+            metrics.record(((metrics.in_flight, (counted_as,), -1.0), (metrics.in_flight, (model,), 1.0)), ())
             counted_as = model
 
         ctx.on_model = moved_to
@@ -54,28 +53,33 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         finally:
-            metrics.labelled(metrics.in_flight, counted_as).dec()
-            self._record(ctx, 499 if ctx.disconnected else status, first_byte_at)
+            self._record(ctx, counted_as, 499 if ctx.disconnected else status, first_byte_at)
 
-    def _record(self, ctx: RequestContext, status: int, first_byte_at: float | None) -> None:
+    def _record(self, ctx: RequestContext, counted_as: str, status: int, first_byte_at: float | None) -> None:
         metrics, model, client = self.metrics, ctx.model, ctx.client
         duration = time.perf_counter() - ctx.started
-        metrics.labelled(metrics.requests, model, client, str(status)).inc()
-        metrics.labelled(metrics.duration, model).observe(duration)
+        counts: list[Change] = [
+            (metrics.in_flight, (counted_as,), -1.0),
+            (metrics.requests, (model, client, str(status)), 1.0),
+        ]
+        observations: list[Observation] = [
+            (metrics.duration, (model,), duration),
+            (metrics.overhead, (model,), max(0.0, duration - ctx.upstream_wait - ctx.backoff_wait)),
+        ]
         if first_byte_at is not None:
-            metrics.labelled(metrics.ttfb, model).observe(first_byte_at - ctx.started)
-        metrics.labelled(metrics.overhead, model).observe(max(0.0, duration - ctx.upstream_wait - ctx.backoff_wait))
+            observations.append((metrics.ttfb, (model,), first_byte_at - ctx.started))
         if ctx.rate_limited:
-            metrics.labelled(metrics.rate_limited, client, ctx.rate_limited).inc()
+            counts.append((metrics.rate_limited, (client, ctx.rate_limited), 1.0))
         previous = None
         for deployment, alias, outcome in ctx.attempts or ():
-            metrics.labelled(metrics.attempts, model, deployment, alias, outcome).inc()
+            counts.append((metrics.attempts, (model, deployment, alias, outcome), 1.0))
             if previous is not None:
-                metrics.labelled(metrics.retries, model, previous).inc()
+                counts.append((metrics.retries, (model, previous), 1.0))
             previous = outcome
-        self._record_tokens(ctx)
+        self._count_tokens(ctx, counts)
+        metrics.record(counts, observations)
 
-    def _record_tokens(self, ctx: RequestContext) -> None:
+    def _count_tokens(self, ctx: RequestContext, counts: list[Change]) -> None:
         usage = ctx.usage
         if usage is None and ctx.disconnected and ctx.sent_events:
             # A stream the client abandoned never got its usage event: count what was sent, one
@@ -89,11 +93,11 @@ class MetricsMiddleware:
         metrics, model, client = self.metrics, ctx.model, ctx.client
         for kind, count in (("prompt", prompt), ("completion", completion), ("reasoning", reasoning)):
             if count:
-                metrics.labelled(metrics.tokens, model, client, kind).inc(count)
+                counts.append((metrics.tokens, (model, client, kind), float(count)))
         pricing = self.pricing.get(ctx.served_by or model)
         if pricing is not None:
             cost = prompt * pricing.input_per_1m / 1e6 + completion * pricing.output_per_1m / 1e6
-            self.metrics.labelled(metrics.cost, model, client).inc(cost)
+            counts.append((metrics.cost, (model, client), cost))
 
 
 def _count(value: object) -> int:
