@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ensure_body, or_answer
+from proxykit.body import ensure_body, ensure_payload, or_answer
 from proxykit.config import ClientKey
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import RateLimitExceeded
@@ -83,9 +83,14 @@ class RateLimitMiddleware:
     async def _admit(
         self, ctx: RequestContext, buckets: _Buckets, scope: Scope, receive: Receive
     ) -> tuple[dict[bytes, Admission], int]:
-        body = await ensure_body(scope, receive, self.max_body_bytes)
         limits = buckets.limits
-        estimate = _estimate(ctx, body) if limits.tpm else 0
+        estimate = 0
+        if limits.tpm:  # the estimate reads the body's max_tokens
+            await ensure_payload(scope, receive, self.max_body_bytes)
+            assert ctx.body is not None
+            estimate = _estimate(ctx, ctx.body)
+        else:
+            await ensure_body(scope, receive, self.max_body_bytes)
         kinds, takes = [], []
         if limits.rpm:
             kinds.append(b"requests")

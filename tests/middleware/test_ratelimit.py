@@ -76,6 +76,16 @@ async def test_unused_reservation_is_given_back() -> None:
     assert statuses == [200] * 5
 
 
+async def test_max_tokens_is_reserved_up_front() -> None:
+    async with respx_proxy(limited_config(tpm=1000)) as (router, client):
+        router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, usage_body(10)))
+        small = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100}, headers={"x-api-key": A})
+        # ~1,200 tokens reserved could never fit 1,000 a minute, whatever the answer would use.
+        large = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1200}, headers={"x-api-key": A})
+    assert (small.status_code, large.status_code) == (200, 429)
+    assert "tokens per minute" in large.json()["error"]["message"]
+
+
 async def test_memory_limiter_settles_charges_and_refunds() -> None:
     clock = [0.0]
     limiter = MemoryRateLimiter(clock=lambda: clock[0])
