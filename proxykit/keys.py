@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 
 from proxykit.config import Config, CooldownConfig, Deployment, ModelConfig, UpstreamKey
-from proxykit.routing import PRIORITIES, Priority
+from proxykit.routing import PRIORITIES, RANK_ON_RELEASE, Priority
 
 Clock = Callable[[], float]
 _LATENCY_ALPHA = 0.3  # weight of the newest TTFB in the moving average
@@ -222,6 +222,7 @@ class KeyPool:
         self.clock = clock
         priority = PRIORITIES[config.routing.strategy]
         self.models = {model.name: ModelKeys(model, priority, clock) for model in config.models}
+        self._rank_on_release = config.routing.strategy in RANK_ON_RELEASE
         self._owner = {id(state): keys for keys in self.models.values() for state in keys.keys}
         self.on_rest: Callable[[KeyState], None] | None = None  # told when a key rests or is set aside
 
@@ -237,7 +238,8 @@ class KeyPool:
     def release(self, state: KeyState) -> None:
         """The attempt that `choose` started has ended."""
         state.in_flight -= 1
-        self._owner[id(state)].changed(state)
+        if self._rank_on_release:
+            self._owner[id(state)].changed(state)
 
     def record(self, state: KeyState, outcome: str, headers: Mapping[str, str] | None = None,
                ttfb: float | None = None) -> str | None:
@@ -262,6 +264,8 @@ class KeyPool:
             if ttfb is not None:
                 state.ttfb = ttfb if state.ttfb is None else (1 - _LATENCY_ALPHA) * state.ttfb + _LATENCY_ALPHA * ttfb
             reason = _apply_rate_limit_headers(state, headers, now)
+            if headers and not reason:
+                self._owner[id(state)].changed(state)  # the usage they report may rank it lower
         if reason:
             state.reason = reason
             self._owner[id(state)].changed(state)

@@ -61,6 +61,10 @@ def _latency_based(key: KeyState) -> tuple[float, ...]:
     return (math.floor(math.log1p(key.ttfb * 1000) / _LATENCY_BAND),)
 
 
+# Strategies whose priority changes when an attempt ends (in-flight count, measured TTFB): only
+# their keys are re-ranked then. The others change only when a key is chosen or rests.
+RANK_ON_RELEASE: Final = frozenset({"least-busy", "latency-based"})
+
 PRIORITIES: Final[dict[str, Priority]] = {
     "round-robin": _round_robin,
     "least-busy": _least_busy,
