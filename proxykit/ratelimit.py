@@ -70,9 +70,11 @@ class MemoryRateLimiter:
             tat, admission = gcra(self._tat.get(key, now), now, amount, limit)
             tats.append(tat)
             admissions.append(admission)
-        if all(admission.allowed for admission in admissions):
-            for (key, _, _), tat in zip(takes, tats, strict=True):
-                self._tat[key] = tat
+        for admission in admissions:
+            if not admission.allowed:
+                return admissions
+        for (key, _, _), tat in zip(takes, tats, strict=True):
+            self._tat[key] = tat
         return admissions
 
     async def settle(self, key: str, amount: float, *, limit: int) -> None:

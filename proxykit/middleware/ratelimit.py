@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -144,10 +145,17 @@ def _headers(admissions: dict[bytes, Admission]) -> list[tuple[bytes, bytes]]:
     """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`; resets like `6.5s`."""
     headers: list[tuple[bytes, bytes]] = []
     for kind, admission in admissions.items():
+        limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
         reset = f"{admission.reset:.3f}".rstrip("0").rstrip(".")
         headers += (
-            (b"x-ratelimit-limit-" + kind, b"%d" % admission.limit),
-            (b"x-ratelimit-remaining-" + kind, b"%d" % admission.remaining),
-            (b"x-ratelimit-reset-" + kind, reset.encode() + b"s"),
+            (limit_name, b"%d" % admission.limit),
+            (remaining_name, b"%d" % admission.remaining),
+            (reset_name, reset.encode() + b"s"),
         )
     return headers
+
+
+_HEADER_NAMES: Final = {
+    kind: (b"x-ratelimit-limit-" + kind, b"x-ratelimit-remaining-" + kind, b"x-ratelimit-reset-" + kind)
+    for kind in (b"requests", b"tokens")
+}
