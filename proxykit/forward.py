@@ -39,6 +39,7 @@ class Forwarder:
     def __init__(self, resources: Resources) -> None:
         self.resources = resources
         self.count_usage = resources.config.metrics.enabled
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,8 +104,7 @@ class Forwarder:
     ) -> None:
         ctx.finished = False
         ctx.attempt_started = time.perf_counter()
-        task = asyncio.current_task()
-        assert task is not None
+        task = self._current_task()
         watch = _AttemptWatch(receive, ctx, task, self.resources.config.timeouts.first_byte)
         try:
             try:
@@ -125,8 +125,19 @@ class Forwarder:
         finally:
             watch.stop()
 
+    def _current_task(self) -> asyncio.Task[Any]:
+        # asyncio.current_task() asks for the running loop, and on Python 3.11 that costs a
+        # getpid() system call. The loop of the last request is asked first; a task of another
+        # loop (tests run one per test) is not found there, and the running loop is looked up.
+        task = asyncio.current_task(self._loop) if self._loop is not None else None
+        if task is None:
+            self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(self._loop)
+        assert task is not None
+        return task
+
     async def _open(
-        self, request: _UpstreamRequest, ctx: RequestContext, watch: _AttemptWatch, task: asyncio.Task[None]
+        self, request: _UpstreamRequest, ctx: RequestContext, watch: _AttemptWatch, task: asyncio.Task[Any]
     ) -> UpstreamResponse:
         resources = self.resources
         try:
@@ -154,13 +165,11 @@ class Forwarder:
             reader = UsageReader(event_stream=is_event_stream, encoding=response.header("content-encoding"))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         ended_cleanly = True  # whether the last chunk closed its event, for the error event below
-        chunks = response.chunks()  # raw bytes: no decoding, no re-chunking
         try:
             while True:
                 waiting_since = time.perf_counter()
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
+                chunk = await response.read_chunk()  # raw bytes: no decoding, no re-chunking
+                if not chunk:
                     break
                 ctx.upstream_wait += time.perf_counter() - waiting_since
                 if reader is not None:
@@ -213,18 +222,18 @@ class _AttemptWatch:
     __slots__ = ("_ctx", "_deadline", "_forwarding", "_receive", "_task", "_timer", "_waiting", "first_byte_late")
 
     def __init__(
-        self, receive: Receive, ctx: RequestContext, forwarding: asyncio.Task[None], first_byte: float
+        self, receive: Receive, ctx: RequestContext, forwarding: asyncio.Task[Any], first_byte: float
     ) -> None:
         self._receive, self._ctx, self._forwarding = receive, ctx, forwarding
         self._task: asyncio.Task[None] | None = None
         self._waiting = True  # for the upstream's headers
         self.first_byte_late = False
-        loop = asyncio.get_running_loop()
+        loop = forwarding.get_loop()  # not get_running_loop(): see Forwarder._current_task
         self._deadline = loop.time() + first_byte
         self._timer = loop.call_at(min(loop.time() + _WATCH_AFTER, self._deadline), self._start)
 
     def _start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._forwarding.get_loop()
         self._task = loop.create_task(self._watch())
         if self._waiting:
             self._timer = loop.call_at(self._deadline, self._first_byte_overdue)

@@ -37,11 +37,15 @@ def _mapped_errors() -> Iterator[None]:
     try:
         yield
     except aiohttp.ClientError as exc:
-        for aiohttp_class, httpx_class in _AIOHTTP_ERRORS:
-            if isinstance(exc, aiohttp_class):
-                # The message is the class name only: aiohttp's text names the upstream host.
-                raise httpx_class(type(exc).__name__) from exc
-        raise  # pragma: no cover - the last row catches every ClientError
+        raise _as_httpx_error(exc) from exc
+
+
+def _as_httpx_error(exc: aiohttp.ClientError) -> httpx.TransportError:
+    for aiohttp_class, httpx_class in _AIOHTTP_ERRORS:
+        if isinstance(exc, aiohttp_class):
+            # The message is the class name only: aiohttp's text names the upstream host.
+            return httpx_class(type(exc).__name__)
+    raise AssertionError("unreachable: the last row matches every ClientError")  # pragma: no cover
 
 
 class AiohttpResponse:
@@ -56,11 +60,12 @@ class AiohttpResponse:
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        with _mapped_errors():
-            # iter_any: each chunk as the socket delivered it, never waiting to fill a buffer.
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+    async def read_chunk(self) -> bytes:
+        try:
+            # readany: a chunk as the socket delivered it, never waiting to fill a buffer.
+            return await self._response.content.readany()
+        except aiohttp.ClientError as exc:
+            raise _as_httpx_error(exc) from exc
 
     def at_eof(self) -> bool:
         return self._response.content.at_eof()
@@ -79,7 +84,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.chunks():
+        while chunk := await self._response.read_chunk():
             yield chunk
 
     async def aclose(self) -> None:
