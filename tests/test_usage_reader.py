@@ -68,6 +68,18 @@ def test_stream_events_and_usage_survive_any_split(cut: int) -> None:
     assert (reader.events, reader.usage) == (3, {"total_tokens": 3})
 
 
+NO_USAGE = STREAM.replace(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n', b"")
+
+
+@pytest.mark.parametrize("cut", range(1, len(NO_USAGE)))
+def test_stream_without_usage_counts_its_events_at_any_split(cut: int) -> None:
+    reader = UsageReader(event_stream=True, encoding=None)
+    reader.feed(NO_USAGE[:cut])
+    reader.feed(NO_USAGE[cut:])
+    reader.finish()
+    assert (reader.events, reader.usage) == (2, None)
+
+
 def test_stream_read_a_byte_at_a_time() -> None:
     reader = UsageReader(event_stream=True, encoding=None)
     for i in range(len(STREAM)):
