@@ -18,6 +18,7 @@ from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_
 from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
+from proxykit.sends import beyond_stepped_aside
 from proxykit.sse import UsageEventFilter, UsageReader
 from proxykit.upstream import UpstreamResponse
 
@@ -182,6 +183,7 @@ class Forwarder:
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                send = beyond_stepped_aside(send)  # once the first chunk went out, layers step aside
                 ended_cleanly = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
         except httpx.HTTPError as exc:
             _finish(reader, ctx, complete=False)

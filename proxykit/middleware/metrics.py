@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxykit.config import Pricing
 from proxykit.context import RequestContext, ensure_context
 from proxykit.metrics import Change, Observation, ProxyMetrics
+from proxykit.sends import step_aside
 
 
 class MetricsMiddleware:
@@ -48,6 +49,7 @@ class MetricsMiddleware:
                 status = message["status"]
             elif first_byte_at is None and message.get("body"):
                 first_byte_at = time.perf_counter()
+                step_aside(send_observed, send)  # the rest of the body is no news
             await send(message)
 
         try:

@@ -15,6 +15,7 @@ from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import RateLimitExceeded
 from proxykit.headers import set_response_headers
 from proxykit.ratelimit import Admission, RateLimiter
+from proxykit.sends import step_aside
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class RateLimitMiddleware:
                 set_response_headers(message, headers)
             await send(message)
 
+        step_aside(send_with_headers, send)  # the start is all it changes
         try:
             await self.app(scope, receive, send_with_headers)
         finally:

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxykit.context import ensure_context
 from proxykit.headers import set_response_headers
 from proxykit.logs import request_id_var
+from proxykit.sends import step_aside
 
 logger = logging.getLogger("proxykit.access")
 
@@ -41,6 +42,7 @@ class RequestIdMiddleware:
                 set_response_headers(message, added)
             await send(message)
 
+        step_aside(send_with_id, send)  # the start is all it changes
         try:
             await self.app(scope, receive, send_with_id)
         finally:

@@ -14,6 +14,7 @@ from proxykit.body import ensure_body, or_answer, replay, wait_unless_disconnect
 from proxykit.config import Config
 from proxykit.context import RequestContext, ensure_context
 from proxykit.headers import set_response_headers
+from proxykit.sends import step_aside
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class RetryMiddleware:
             ctx.attempt, ctx.no_upstream = attempt_number, False
             attempt = _Attempt(self.policy, ctx, send, after_failure=held is not None)
             try:
-                await self.app(scope, replay(body, receive), attempt.send)
+                await self.app(scope, replay(body, receive), attempt)
             except _Retry:
                 pass
             except _NoKeyLeft:
@@ -143,7 +144,7 @@ class _Attempt:
         self.after_failure = after_failure
         self.held: _Held | None = None
 
-    async def send(self, message: Message) -> None:
+    async def __call__(self, message: Message) -> None:
         ctx = self.ctx
         if message["type"] == "http.response.start":
             if ctx.no_upstream and self.after_failure:
@@ -154,7 +155,8 @@ class _Attempt:
                 return
             if ctx.attempt and message["status"] >= 400:
                 _mark_retried(message)
-            await self._send(message)  # from here on the attempt is committed
+            step_aside(self, self._send)  # from here on the attempt is committed: nothing to hold
+            await self._send(message)
         elif self.held is not None:
             held = self.held
             held.body.append(message)

@@ -15,6 +15,7 @@ from proxykit.errors import NoUpstreamAvailable, send_error
 from proxykit.keys import KeyPool, KeyState, NoKey
 from proxykit.ratelimit import RateLimiter
 from proxykit.routing import resolve_model
+from proxykit.sends import step_aside
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class KeyRotationMiddleware:
                 self._learn(state, ctx, message)
             await send(message)
 
+        step_aside(send_and_learn, send)  # the start is all it reads
         try:
             await self.app(scope, receive, send_and_learn)
         finally:
