@@ -10,8 +10,7 @@ plug respx into), but its own pool cannot carry an LLM gateway's load: measured 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Final
 
 import aiohttp
@@ -30,14 +29,6 @@ _AIOHTTP_ERRORS: Final[tuple[tuple[type[BaseException], type[httpx.TransportErro
     (aiohttp.InvalidURL, httpx.UnsupportedProtocol),
     (aiohttp.ClientError, httpx.RemoteProtocolError),
 )
-
-
-@contextmanager
-def _mapped_errors() -> Iterator[None]:
-    try:
-        yield
-    except aiohttp.ClientError as exc:
-        raise _as_httpx_error(exc) from exc
 
 
 def _as_httpx_error(exc: aiohttp.ClientError) -> httpx.TransportError:
@@ -124,11 +115,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._session
         if session is None:
             session = self._session = self._open_session()
-        with _mapped_errors():
+        try:
             response = await session.request(
                 method, _parsed_url(url), headers=headers, data=body or None, allow_redirects=False,
                 timeout=_client_timeout(timeouts.get("connect"), timeouts.get("read")),
             )
+        except aiohttp.ClientError as exc:
+            raise _as_httpx_error(exc) from exc
         return AiohttpResponse(response)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
