@@ -12,7 +12,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from proxykit._utils import route_path
-from proxykit.body import ensure_payload, or_answer, requested_model, until_disconnect
+from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
 from proxykit.headers import downstream_headers, upstream_headers
@@ -21,12 +21,10 @@ from proxykit.routing import resolve_model
 from proxykit.sends import beyond_stepped_aside
 from proxykit.sse import UsageEventFilter, UsageReader
 from proxykit.upstream import UpstreamResponse
+from proxykit.watch import AttemptWatch, AttemptWatches
 
 logger = logging.getLogger(__name__)
 
-# Seconds into an attempt before the client's disconnect is watched for: longer than a fast
-# upstream's answer takes even at 64 concurrent (~30 ms), short next to any LLM generation.
-_WATCH_AFTER = 0.1
 
 
 class Forwarder:
@@ -41,6 +39,7 @@ class Forwarder:
         self.resources = resources
         self.count_usage = resources.config.metrics.enabled
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watches: AttemptWatches  # of that loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,7 +105,7 @@ class Forwarder:
         ctx.finished = False
         ctx.attempt_started = time.perf_counter()
         task = self._current_task()
-        watch = _AttemptWatch(receive, ctx, task, self.resources.config.timeouts.first_byte)
+        watch = self._watches.watch(receive, ctx, task, self.resources.config.timeouts.first_byte)
         try:
             try:
                 response = await self._open(request, ctx, watch, task)
@@ -133,12 +132,13 @@ class Forwarder:
         task = asyncio.current_task(self._loop) if self._loop is not None else None
         if task is None:
             self._loop = asyncio.get_running_loop()
+            self._watches = AttemptWatches(self._loop)
             task = asyncio.current_task(self._loop)
         assert task is not None
         return task
 
     async def _open(
-        self, request: _UpstreamRequest, ctx: RequestContext, watch: _AttemptWatch, task: asyncio.Task[Any]
+        self, request: _UpstreamRequest, ctx: RequestContext, watch: AttemptWatch, task: asyncio.Task[Any]
     ) -> UpstreamResponse:
         resources = self.resources
         try:
@@ -208,59 +208,6 @@ class Forwarder:
             prefix = b"" if ended_cleanly else b"\n\n"
             event = prefix + b"data: " + broken.body(ctx.request_id) + b"\n\n"
             await send({"type": "http.response.body", "body": event, "more_body": True})
-
-
-class _AttemptWatch:
-    """Cancels the forwarding task when the client leaves, so the upstream call ends with it, or
-    when the upstream's headers are later than the first-byte deadline.
-
-    Both start from one timer, `_WATCH_AFTER` seconds into the attempt: most answers of a fast
-    upstream are relayed before it fires, and a watching task plus an `asyncio.timeout` for every
-    request cost ~8% of the proxy's CPU. Long waits for a first byte and streams are watched; a
-    client who leaves is noticed that much later at most. Plain asyncio rather than an anyio task
-    group and cancel scope, which cost a fifth of the CPU (aiohttp ties proxykit to asyncio anyway).
-    """
-
-    __slots__ = ("_ctx", "_deadline", "_forwarding", "_receive", "_task", "_timer", "_waiting", "first_byte_late")
-
-    def __init__(
-        self, receive: Receive, ctx: RequestContext, forwarding: asyncio.Task[Any], first_byte: float
-    ) -> None:
-        self._receive, self._ctx, self._forwarding = receive, ctx, forwarding
-        self._task: asyncio.Task[None] | None = None
-        self._waiting = True  # for the upstream's headers
-        self.first_byte_late = False
-        loop = forwarding.get_loop()  # not get_running_loop(): see Forwarder._current_task
-        self._deadline = loop.time() + first_byte
-        self._timer = loop.call_at(min(loop.time() + _WATCH_AFTER, self._deadline), self._start)
-
-    def _start(self) -> None:
-        loop = self._forwarding.get_loop()
-        self._task = loop.create_task(self._watch())
-        if self._waiting:
-            self._timer = loop.call_at(self._deadline, self._first_byte_overdue)
-
-    def _first_byte_overdue(self) -> None:
-        if self._waiting:
-            self.first_byte_late = True
-            self._forwarding.cancel()
-
-    def first_byte_arrived(self) -> None:
-        self._waiting = False
-        if self._task is not None:
-            self._timer.cancel()  # the deadline timer; the disconnect watch goes on
-
-    async def _watch(self) -> None:
-        await until_disconnect(self._receive)
-        # After a complete response, servers report a disconnect too; that one is no news.
-        if not self._ctx.finished:
-            self._ctx.disconnected = True
-            self._forwarding.cancel()
-
-    def stop(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
 
 
 class _UpstreamRequest(NamedTuple):
