@@ -32,10 +32,19 @@ def _named_by_connection(lowered: Iterable[tuple[bytes, bytes]]) -> frozenset[by
 
 
 def upstream_headers(client_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The client's headers as they may go upstream (as str pairs, for the upstream call)."""
-    lowered = [(name.lower(), value) for name, value in client_headers]
-    drop = _NOT_UPSTREAM | _named_by_connection(lowered)
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in lowered if name not in drop]
+    """The client's headers as they may go upstream (as str pairs, for the upstream call). ASGI
+    servers give request header names in lowercase."""
+    kept = []
+    connection = None
+    for name, value in client_headers:
+        if name in _NOT_UPSTREAM:
+            connection = value if name == b"connection" else connection
+            continue
+        kept.append((name, value))
+    if connection is not None:
+        named = _named_by_connection([(b"connection", connection)])
+        kept = [(name, value) for name, value in kept if name not in named]
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in kept]
 
 
 def downstream_headers(upstream: Iterable[tuple[bytes, bytes]], *, keep_length: bool) -> RawHeaders:

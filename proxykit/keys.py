@@ -138,7 +138,7 @@ class ModelKeys:
         now = self.clock()
         self._wake(now)
         skipped = []
-        excluded = set(map(id, exclude))
+        excluded = set(map(id, exclude)) if exclude else ()
         chosen = None
         while self._heap:
             _, _, _, version, state = heapq.heappop(self._heap)
@@ -263,9 +263,10 @@ class KeyPool:
             state.failures = 0
             if ttfb is not None:
                 state.ttfb = ttfb if state.ttfb is None else (1 - _LATENCY_ALPHA) * state.ttfb + _LATENCY_ALPHA * ttfb
-            reason = _apply_rate_limit_headers(state, headers, now)
-            if headers and not reason:
-                self._owner[id(state)].changed(state)  # the usage they report may rank it lower
+            if headers:
+                reason = _apply_rate_limit_headers(state, headers, now)
+                if not reason:
+                    self._owner[id(state)].changed(state)  # the usage they report may rank it lower
         if reason:
             state.reason = reason
             self._owner[id(state)].changed(state)
