@@ -26,7 +26,6 @@ from proxykit.watch import AttemptWatch, AttemptWatches
 logger = logging.getLogger(__name__)
 
 
-
 class Forwarder:
     """Sends each `/v1/...` request to the upstream picked for it and streams the answer back.
 
