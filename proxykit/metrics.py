@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
@@ -71,6 +72,7 @@ class ProxyMetrics:
         self._counts: defaultdict[tuple[MetricWrapperBase, Labels], float] = defaultdict(float)
         self._observed: defaultdict[tuple[Histogram, Labels], list[float]] = defaultdict(list)
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_due = 0.0  # time.monotonic() when the timer should have fired
 
     def add(self, metric: Counter | Gauge, labels: Labels, amount: float = 1.0) -> None:
         """Adds to a counter, or to a gauge (`amount` may be negative)."""
@@ -103,8 +105,11 @@ class ProxyMetrics:
     def _flush_later(self) -> None:
         if self._write_at_once:
             self.flush()
-        elif self._flush_timer is None:
+        # A timer overdue by a second belonged to an event loop that has ended (a host may run the
+        # app on one loop after another): set one on this loop.
+        elif self._flush_timer is None or time.monotonic() > self._flush_due + 1.0:
             self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._timed_flush)
+            self._flush_due = time.monotonic() + FLUSH_EVERY
 
     def _timed_flush(self) -> None:
         self._flush_timer = None

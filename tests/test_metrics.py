@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,12 @@ import respx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxykit.metrics
 from proxykit import DemoUpstream, create_app
+from proxykit.config_reader import config_from_dict
 from proxykit.demo import demo_config
+from proxykit.keys import KeyPool
+from proxykit.metrics import ProxyMetrics
 from tests.conftest import (
     CHAT,
     CLIENT_KEY,
@@ -239,3 +245,18 @@ def _exposed(metric: prometheus_client.metrics.MetricWrapperBase) -> str:
     registry = prometheus_client.CollectorRegistry()
     registry.register(metric)
     return prometheus_client.generate_latest(registry).decode()
+
+
+def test_changes_are_folded_in_when_the_app_moves_to_another_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxykit.metrics, "FLUSH_EVERY", 0.05)
+    metrics = ProxyMetrics(prometheus_client.CollectorRegistry(), KeyPool(config_from_dict(make_config())))
+    labels = ("chat", "anonymous", "200")
+
+    async def count_one(wait: float) -> None:
+        metrics.add(metrics.requests, labels)
+        await asyncio.sleep(wait)
+
+    asyncio.run(count_one(0))  # this loop ends before its flush timer fires
+    time.sleep(1.2)  # long enough for that timer to count as lost
+    asyncio.run(count_one(0.5))  # a timer on this loop folds both in
+    assert value(_exposed(metrics.requests), "proxykit_requests_total") == 2
