@@ -59,25 +59,22 @@ STREAM = b"".join([
 ])
 
 
-@pytest.mark.parametrize("cut", range(1, len(STREAM)))
-def test_stream_events_and_usage_survive_any_split(cut: int) -> None:
-    reader = UsageReader(event_stream=True, encoding=None)
-    reader.feed(STREAM[:cut])
-    reader.feed(STREAM[cut:])
-    reader.finish()
-    assert (reader.events, reader.usage) == (3, {"total_tokens": 3})
-
-
 NO_USAGE = STREAM.replace(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n', b"")
+SPLITS = [
+    *(pytest.param(STREAM, cut, 3, {"total_tokens": 3}, id=f"usage-{cut}") for cut in range(1, len(STREAM))),
+    *(pytest.param(NO_USAGE, cut, 2, None, id=f"no-usage-{cut}") for cut in range(1, len(NO_USAGE))),
+]
 
 
-@pytest.mark.parametrize("cut", range(1, len(NO_USAGE)))
-def test_stream_without_usage_counts_its_events_at_any_split(cut: int) -> None:
+@pytest.mark.parametrize(("stream", "cut", "events", "usage"), SPLITS)
+def test_stream_events_and_usage_survive_any_split(
+    stream: bytes, cut: int, events: int, usage: dict[str, int] | None
+) -> None:
     reader = UsageReader(event_stream=True, encoding=None)
-    reader.feed(NO_USAGE[:cut])
-    reader.feed(NO_USAGE[cut:])
+    reader.feed(stream[:cut])
+    reader.feed(stream[cut:])
     reader.finish()
-    assert (reader.events, reader.usage) == (2, None)
+    assert (reader.events, reader.usage) == (events, usage)
 
 
 def test_stream_read_a_byte_at_a_time() -> None:
