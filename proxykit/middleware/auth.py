@@ -23,7 +23,7 @@ class AuthMiddleware:
         self.app = app
         # A dict lookup is O(1) in the number of keys, and its time does not reveal how much of a
         # guessed key was right: strings are compared only once their hashes match, and str
-        # hashes are keyed with a secret random per process (SipHash), so a guess cannot aim at one.
+        # hashes are keyed with a random secret per process (SipHash), so a guess cannot aim at one.
         self.keys = {key.key: key for key in keys}
         self.open_paths = frozenset(open_paths)
 
