@@ -50,13 +50,9 @@ class UsageReader:
             return
         body = bytes(self._body)
         usage = _trailing_usage(body)
-        if usage is None:
-            try:
-                payload = json.loads(body)
-            except ValueError:
-                return
-            usage = payload.get("usage") if isinstance(payload, dict) else None
-        if isinstance(usage, dict):
+        if not isinstance(usage, dict):
+            usage = _usage_of(body)  # another shape of body: the full parse
+        if usage is not None:
             self.usage = usage
 
     def _scan_lines(self, chunk: bytes) -> None:
