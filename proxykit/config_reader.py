@@ -189,6 +189,9 @@ class _Reader(FieldReader):
             if not secret:
                 self.fail(f"{path}[{i}]", "must be a non-empty key")
                 continue
+            if not _fits_a_header(secret):
+                self.fail(f"{path}[{i}]", "must be printable ASCII (it is sent in a header)")
+                continue
             keys.append(UpstreamKey(alias=alias, secret=secret))
         if not keys:
             self.fail(path, "holds no keys")
@@ -310,7 +313,8 @@ class _Reader(FieldReader):
 
 
 def read_key_file(path: str, reader: _Reader | None = None, field_path: str = "api_keys") -> list[str]:
-    """One key a line; blank lines and lines starting with # are skipped."""
+    """One key a line; blank lines and lines starting with # are skipped. Without a reader,
+    raises OSError or ValueError (a key that cannot go in a header)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -318,4 +322,16 @@ def read_key_file(path: str, reader: _Reader | None = None, field_path: str = "a
             raise
         reader.fail(field_path, f"cannot read key file {path} ({exc.strerror})")
         return []
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for number, key in enumerate(keys, 1):
+        if not _fits_a_header(key):
+            message = f"key {number} of key file {path} must be printable ASCII (it is sent in a header)"
+            if reader is None:
+                raise ValueError(message)
+            reader.fail(field_path, message)
+            return []
+    return keys
+
+
+def _fits_a_header(secret: str) -> bool:
+    return secret.isascii() and secret.isprintable()

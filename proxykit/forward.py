@@ -89,9 +89,9 @@ class Forwarder:
         if changes:
             body = json.dumps({**payload, **changes}).encode()
         headers = upstream_headers(scope["headers"])
-        headers.append(("x-request-id", ctx.request_id))
+        headers.append((b"x-request-id", ctx.request_id.encode("latin-1")))
         if secret:
-            headers.append(("authorization", f"Bearer {secret}"))
+            headers.append((b"authorization", b"Bearer " + secret.encode("latin-1")))
         # The deployment's base_url ends in the API version (…/v1), as OpenAI SDK base URLs do.
         url = deployment.base_url + route_path(scope)
         if query := scope.get("query_string"):
@@ -212,7 +212,7 @@ class Forwarder:
 class _UpstreamRequest(NamedTuple):
     method: str
     url: str
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
     body: bytes
 
 

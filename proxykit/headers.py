@@ -31,9 +31,9 @@ def _named_by_connection(lowered: Iterable[tuple[bytes, bytes]]) -> frozenset[by
     return frozenset(named)
 
 
-def upstream_headers(client_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The client's headers as they may go upstream (as str pairs, for the upstream call). ASGI
-    servers give request header names in lowercase."""
+def upstream_headers(client_headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    """The client's headers as they may go upstream. ASGI servers give request header names in
+    lowercase."""
     kept = []
     connection = None
     for name, value in client_headers:
@@ -44,7 +44,7 @@ def upstream_headers(client_headers: Iterable[tuple[bytes, bytes]]) -> list[tupl
     if connection is not None:
         named = _named_by_connection([(b"connection", connection)])
         kept = [(name, value) for name, value in kept if name not in named]
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in kept]
+    return kept
 
 
 def downstream_headers(upstream: Iterable[tuple[bytes, bytes]], *, keep_length: bool) -> RawHeaders:

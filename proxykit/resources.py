@@ -20,7 +20,7 @@ from proxykit.keys import KeyPool, KeyState
 from proxykit.metrics import ProxyMetrics
 from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
 from proxykit.redis_backend import RedisConnection, RedisRateLimiter, SharedKeyStates
-from proxykit.transport import AiohttpTransport
+from proxykit.transport import Http1Transport
 from proxykit.upkeep import PoolUpkeep
 from proxykit.upstream import upstream_for
 
@@ -47,7 +47,7 @@ class Resources:
         self.state = ResourceState.UNOPENED
         # One connection pool: the forwarder sends through the transport directly, the client
         # (probes, and anyone embedding proxykit) wraps the same transport.
-        self.transport = transport or AiohttpTransport(max_connections=4096)
+        self.transport = transport or Http1Transport(max_connections=4096)
         self.upstream = upstream_for(self.transport)
         timeouts = config.timeouts
         # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the

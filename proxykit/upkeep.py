@@ -68,6 +68,9 @@ class PoolUpkeep:
             except OSError as exc:
                 logger.warning("cannot re-read the key file of %s (%s): keeping its keys", deployment, exc.strerror)
                 continue
+            except ValueError as exc:
+                logger.warning("cannot use the key file of %s (%s): keeping its keys", deployment, exc)
+                continue
             if not secrets:
                 logger.warning("the key file of %s is empty: keeping its keys", deployment)
                 continue

@@ -1,13 +1,13 @@
-"""What the forwarder needs of an upstream call, over any httpx transport or straight over aiohttp.
+"""What the forwarder needs of an upstream call, over any httpx transport or straight over proxykit's client.
 
     upstream = upstream_for(transport)
     response = await upstream.open("POST", url, headers, body, timeouts)
     while chunk := await response.read_chunk(): ...
     await response.aclose()
 
-Any httpx transport works (tests plug respx in). proxykit's own aiohttp transport is called
-without building httpx Request and Response objects: on the hot path those cost a fifth of the
-proxy's CPU (`AiohttpTransport.open`). Both raise httpx's errors.
+Any httpx transport works (tests plug respx in). proxykit's own transports are called without
+building httpx Request and Response objects: on the hot path those cost a fifth of the proxy's
+CPU. All raise httpx's errors.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Protocol
 
 import httpx
 
-from proxykit.transport import AiohttpTransport
+from proxykit.transport import AiohttpTransport, Http1Transport
 
 
 class UpstreamResponse(Protocol):
@@ -46,12 +46,16 @@ class UpstreamResponse(Protocol):
 
 class Upstream(Protocol):
     async def open(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes, timeouts: Mapping[str, float | None]
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes,
+        timeouts: Mapping[str, float | None],
     ) -> UpstreamResponse:
-        """Sends a request and returns once the response headers are in."""
+        """Sends a request and returns once the response headers are in. `headers` carry neither
+        `host` nor `content-length`."""
 
 
 def upstream_for(transport: httpx.AsyncBaseTransport) -> Upstream:
+    if isinstance(transport, Http1Transport):
+        return transport.client
     return transport if isinstance(transport, AiohttpTransport) else HttpxUpstream(transport)
 
 
@@ -62,7 +66,8 @@ class HttpxUpstream:
         self.transport = transport
 
     async def open(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes, timeouts: Mapping[str, float | None]
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes,
+        timeouts: Mapping[str, float | None],
     ) -> UpstreamResponse:
         request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": dict(timeouts)})
         return _HttpxResponse(await self.transport.handle_async_request(request))
