@@ -19,7 +19,7 @@ from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
 from proxykit.middleware.rotation import KeyRotationMiddleware
 from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
 from proxykit.resources import Resources
-from proxykit.transport import AiohttpTransport
+from proxykit.transport import AiohttpTransport, Http1Transport
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DemoUpstream",
     "Forwarder",
+    "Http1Transport",
     "KeyPool",
     "KeyRotationMiddleware",
     "MemoryRateLimiter",

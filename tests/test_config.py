@@ -162,6 +162,20 @@ def test_missing_key_file_is_a_config_error(tmp_path: Path) -> None:
     assert "models[0].deployments[0].api_keys: cannot read key file" in str(caught.value)
 
 
+def test_upstream_keys_that_cannot_go_in_a_header_are_refused_without_being_shown(tmp_path: Path) -> None:
+    (tmp_path / "keys.txt").write_text("sk-fine\nsk-bad\u00e9key\n")
+    data = {"models": [{"name": "m", "deployments": [
+        {"base_url": "http://x/v1", "api_keys": ["sk-one", "sk-line\tbreak"]},
+        {"base_url": "http://y/v1", "api_keys": "file:keys.txt"},
+    ]}]}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data, base_dir=tmp_path)
+    problems = "\n".join(caught.value.problems)
+    assert "models[0].deployments[0].api_keys[1]: must be printable ASCII" in problems
+    assert "models[0].deployments[1].api_keys: key 2 of key file" in problems
+    assert "break" not in str(caught.value) and "key\n" not in str(caught.value) and "sk-bad" not in str(caught.value)
+
+
 def test_duplicate_names_are_refused() -> None:
     deployment = {"base_url": "http://x/v1", "name": "same"}
     data = {"models": [{"name": "m", "deployments": [deployment]}, {"name": "m", "deployments": [deployment]}],

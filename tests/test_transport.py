@@ -1,4 +1,5 @@
-"""The aiohttp transport under httpx: errors mapped, connections given back or closed."""
+"""Both transports under httpx (proxykit's own client, the default, and aiohttp): errors mapped,
+no headers of their own, uploads streamed, connections given back or closed."""
 
 from __future__ import annotations
 
@@ -8,23 +9,32 @@ import anyio
 import httpx
 import pytest
 
-from proxykit import AiohttpTransport
+from proxykit import AiohttpTransport, Http1Transport
 from tests.conftest import serve
 from tests.upstreams import Records, WatchesDisconnect
 
 pytestmark = pytest.mark.anyio
 
+TRANSPORTS = pytest.mark.parametrize("make_transport", [
+    pytest.param(Http1Transport, id="http1"),
+    pytest.param(AiohttpTransport, id="aiohttp"),
+])
+Transport = type[Http1Transport] | type[AiohttpTransport]
 
-async def test_refused_connection_is_an_httpx_connect_error() -> None:
-    async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
-        with pytest.raises(httpx.ConnectError):
+
+@TRANSPORTS
+async def test_refused_connection_is_an_httpx_connect_error(make_transport: Transport) -> None:
+    async with httpx.AsyncClient(transport=make_transport()) as client:
+        with pytest.raises(httpx.ConnectError) as raised:
             await client.get("http://127.0.0.1:9/")
+    assert "127.0.0.1" not in str(raised.value) and ":9" not in str(raised.value)  # errors never name the upstream
 
 
-async def test_aiohttp_adds_no_headers_of_its_own() -> None:
+@TRANSPORTS
+async def test_no_headers_of_its_own(make_transport: Transport) -> None:
     upstream = Records()
     async with serve(upstream, lifespan="off") as url:
-        transport = AiohttpTransport()
+        transport = make_transport()
         request = httpx.Request("POST", url, headers={"x-a": "1"}, content=b"payload")
         response = await transport.handle_async_request(request)
         await response.aread()
@@ -37,21 +47,22 @@ async def test_aiohttp_adds_no_headers_of_its_own() -> None:
     assert "user-agent" not in sent
 
 
-async def test_a_streamed_upload_arrives_whole() -> None:
+@TRANSPORTS
+async def test_a_streamed_upload_arrives_whole(make_transport: Transport) -> None:
     async def parts() -> AsyncIterator[bytes]:
         for part in (b'{"model": ', b'"m", ', b'"n": 1}'):
             yield part
 
     upstream = Records()
     async with serve(upstream, lifespan="off") as url:
-        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+        async with httpx.AsyncClient(transport=make_transport()) as client:
             response = await client.post(url, content=parts())
     assert response.status_code == 200
     assert upstream.bodies == [b'{"model": "m", "n": 1}']
     assert upstream.headers[0].get("transfer-encoding") == "chunked"  # sent as it came, not read first
 
 
-async def test_connection_is_reused_after_a_full_read() -> None:
+async def test_aiohttp_reuses_its_connection_after_a_full_read() -> None:
     upstream = Records()
     async with serve(upstream, lifespan="off") as url:
         transport = AiohttpTransport()
@@ -63,10 +74,11 @@ async def test_connection_is_reused_after_a_full_read() -> None:
             assert len(session.connector._conns) == 1  # type: ignore[union-attr]
 
 
-async def test_closing_a_half_read_response_closes_its_connection() -> None:
+@TRANSPORTS
+async def test_closing_a_half_read_response_closes_its_connection(make_transport: Transport) -> None:
     upstream = WatchesDisconnect(events_first=1)
     async with serve(upstream, lifespan="off") as url:
-        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+        async with httpx.AsyncClient(transport=make_transport()) as client:
             async with client.stream("POST", url, content=b"{}") as response:
                 async for _ in response.aiter_raw():
                     break

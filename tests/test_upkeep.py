@@ -12,7 +12,8 @@ import httpx
 import pytest
 import yaml
 
-from proxykit import create_app
+from proxykit import KeyPool, config_from_dict, create_app
+from proxykit.upkeep import PoolUpkeep
 from tests.conftest import CHAT, proxykit_process, serve
 from tests.keyed_upstream import KeyedUpstream
 
@@ -111,3 +112,19 @@ async def test_sighup_makes_proxykit_serve_read_key_files_again(tmp_path: Path) 
     assert counts["set_aside"] == 0
     assert "sk-hup" not in proxy.output
     assert "re-read the key file of chat: 3 keys (2 new, 0 removed)" in proxy.output
+
+
+async def test_a_changed_key_file_with_a_key_unfit_for_a_header_keeps_the_old_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys_file = tmp_path / "keys.txt"
+    write_keys(keys_file, ["sk-file-1", "sk-file-2"], mtime=1_000_000)
+    config = config_from_dict(config_for("http://upstream.test", "file:keys.txt"), base_dir=tmp_path)
+    pool = KeyPool(config)
+    async with httpx.AsyncClient() as client:
+        upkeep = PoolUpkeep(pool, client)
+        write_keys(keys_file, ["sk-file-3", "sk-secret-\u00e9"], mtime=1_000_010)
+        upkeep.reload_changed_files()
+    assert sorted(state.secret for state in pool.all_keys()) == ["sk-file-1", "sk-file-2"]
+    assert "key 2 of key file" in caplog.text and "keeping its keys" in caplog.text
+    assert "sk-secret" not in caplog.text
