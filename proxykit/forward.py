@@ -19,7 +19,7 @@ from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
 from proxykit.sends import beyond_stepped_aside
-from proxykit.sse import UsageEventFilter, UsageReader
+from proxykit.sse import UsageReader, carries_usage, without_usage_events
 from proxykit.upstream import UpstreamResponse
 from proxykit.watch import AttemptWatch, AttemptWatches
 
@@ -157,14 +157,15 @@ class Forwarder:
 
     async def _relay(self, response: UpstreamResponse, ctx: RequestContext, send: Send) -> None:
         is_event_stream = (response.header("content-type") or "").startswith("text/event-stream")
-        strip_usage = UsageEventFilter() if ctx.injected_usage and is_event_stream else None
+        strip_usage = ctx.injected_usage and is_event_stream
         # Stripping an event changes the length: the body then goes out chunked.
-        headers = downstream_headers(response.raw_headers, keep_length=strip_usage is None)
+        headers = downstream_headers(response.raw_headers, keep_length=not strip_usage)
         reader = None
         if self.count_usage and response.status < 400:
             reader = UsageReader(event_stream=is_event_stream, encoding=response.header("content-encoding"))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        ended_cleanly = True  # whether the last chunk closed its event, for the error event below
+        ended_cleanly = True  # whether the last chunk closed its event: for stripping, and errors
+        stepped_aside = False
         try:
             while True:
                 waiting_since = time.perf_counter()
@@ -174,16 +175,18 @@ class Forwarder:
                 ctx.upstream_wait += time.perf_counter() - waiting_since
                 if reader is not None:
                     reader.feed(chunk)
-                    ctx.sent_events = reader.events
-                if strip_usage is not None and not (chunk := strip_usage(chunk)):
-                    continue
+                if strip_usage and carries_usage(chunk):
+                    chunk = without_usage_events(chunk, starts_an_event=ended_cleanly)
+                    if not chunk:
+                        continue  # a whole event, gone: the stream is still at an event's end
                 if response.at_eof():  # the last chunk: it ends the response, one message fewer
                     _finish(reader, ctx)
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                send = beyond_stepped_aside(send)  # once the first chunk went out, layers step aside
-                ended_cleanly = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
+                if not stepped_aside:  # once the first chunk went out, layers step aside
+                    send, stepped_aside = beyond_stepped_aside(send), True
+                ended_cleanly = chunk.endswith((b"\n\n", b"\r\n\r\n"))
         except httpx.HTTPError as exc:
             _finish(reader, ctx, complete=False)
             await self._break_off(map_httpx_error(exc), ctx, send, is_event_stream, ended_cleanly)
@@ -221,7 +224,7 @@ def _finish(reader: UsageReader | None, ctx: RequestContext, *, complete: bool =
     limits and metrics, that the whole response went out."""
     if reader is not None:
         reader.finish()
-        ctx.usage = reader.usage
+        ctx.usage, ctx.sent_events = reader.usage, reader.events
     ctx.finished = complete
 
 

@@ -121,8 +121,10 @@ class Http1Response:
         if self._error is not None:
             raise self._error
         loop = self._connection.loop
+        # Silence counts from the later of the last data and now: a client that was slow to ask
+        # for more (the socket unread meanwhile) is not an upstream gone quiet.
+        self._last_read_at = loop.time()
         if self._silence_timer is None and self._read_timeout is not None:
-            self._last_read_at = loop.time()
             self._silence_timer = loop.call_at(self._last_read_at + self._read_timeout, self._check_silence)
         self._waiter = waiter = loop.create_future()
         try:
@@ -139,7 +141,8 @@ class Http1Response:
 
     def _check_silence(self) -> None:
         """One timer a response, not one a read: it fires at the earliest moment the upstream can
-        have been silent for `read` seconds, and is set again when data came in meanwhile."""
+        have been silent for `read` seconds, and is set again when data came in meanwhile or no
+        one was waiting."""
         self._silence_timer = None
         if self._complete or self._error is not None or self._read_timeout is None:
             return
@@ -184,11 +187,13 @@ class Http1Response:
         self._stop_silence_timer()
         self._wake()
 
-    def _connection_lost(self) -> None:
+    def _connection_lost(self, exc: Exception | None) -> None:
         if self._complete:
             return
-        if self._started and not any(name in (b"content-length", b"transfer-encoding") for name, _ in self.raw_headers):
-            self._message_complete(keep_alive=False)  # a body without a length ends with the connection
+        if self._started and exc is None and not any(
+            name in (b"content-length", b"transfer-encoding") for name, _ in self.raw_headers
+        ):
+            self._message_complete(keep_alive=False)  # a body without a length ends with a clean close
         elif self._started:
             self._fail(httpx.ReadError("the upstream closed the connection in the middle of the response"))
         else:
@@ -225,7 +230,11 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, *, head_request: bool) -> Http1Response:
         assert self.transport is not None
         self.response = response = Http1Response(self, head_request=head_request)
-        self.transport.writelines((head, body) if body else (head,))
+        # One write, one system call: copying a body of a few KB costs less than a second call.
+        if len(body) <= 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
         return response
 
     async def send_streamed(self, head: bytes, body: AsyncIterable[bytes], *, head_request: bool) -> Http1Response:
@@ -284,7 +293,7 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             self.client.forget(self)
         if self.response is not None:
-            self.response._connection_lost()
+            self.response._connection_lost(exc)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 

@@ -14,7 +14,7 @@ import zlib
 from typing import Any, Final
 
 _MAX_JSON_BODY: Final = 4 * 1024 * 1024  # a plain body larger than this is not parsed for usage
-_USAGE: Final = b'"usage"'
+USAGE_KEY: Final = b'"usage"'
 
 
 class UsageReader:
@@ -38,7 +38,15 @@ class UsageReader:
                 self._inflate, self._body, self.event_stream = None, None, False  # unreadable: stop looking
                 return
         if self.event_stream:
-            self._scan_lines(chunk)
+            data = self._line + chunk if self._line else chunk  # starts at the start of a line
+            whole = data.rfind(b"\n") + 1
+            self._line = data[whole:]  # an unfinished line waits for the rest
+            if not carries_usage(data, whole) and data.find(b"[DONE]", 0, whole) == -1:
+                # Most events: counted in place, without copying or splitting lines (that cost ~5%
+                # of the CPU of a stream). A raw newline cannot occur inside an event's JSON.
+                self.events += data.count(b"\ndata:", 0, whole) + data.startswith(b"data:", 0, whole)
+            else:
+                self._scan_lines(data[:whole])
         elif self._body is not None:
             if len(self._body) + len(chunk) > _MAX_JSON_BODY:
                 self._body = None
@@ -55,62 +63,47 @@ class UsageReader:
         if usage is not None:
             self.usage = usage
 
-    def _scan_lines(self, chunk: bytes) -> None:
-        data = self._line + chunk if self._line else chunk  # starts at the start of a line
-        whole = data.rfind(b"\n") + 1
-        self._line = data[whole:]  # an unfinished line waits for the rest
-        if data.find(_USAGE, 0, whole) == -1:
-            # Most events: counted in place, without copying or splitting lines (that cost ~5% of
-            # the CPU of a stream).
-            self.events += _data_lines(data, whole)
-            return
-        for line in data[:whole].split(b"\n"):
+    def _scan_lines(self, lines: bytes) -> None:
+        """Whole lines, one at a time: the few chunks that may hold usage or `[DONE]`."""
+        for line in lines.split(b"\n"):
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
                 continue
             self.events += 1
-            if _USAGE in data:  # parse only the few events that can carry usage
+            if USAGE_KEY in data:  # parse only the few events that can carry usage
                 usage = _usage_of(data)
                 if usage is not None:
                     self.usage = usage
 
 
-def _data_lines(data: bytes, end: int) -> int:
-    """`data:` lines in `data[:end]`, `[DONE]` excluded; `data` starts at the start of a line."""
-    events = data.count(b"\ndata:", 0, end) + data.startswith(b"data:", 0, end)
-    done = data.count(b"\ndata: [DONE]", 0, end) + data.count(b"\ndata:[DONE]", 0, end)
-    return events - done - data.startswith((b"data: [DONE]", b"data:[DONE]"), 0, end)
+def carries_usage(data: bytes, end: int | None = None) -> bool:
+    """Whether `data[:end]` may hold a usage object. Asked for usage, OpenAI also sends
+    `"usage": null` in every other event: those need no parsing."""
+    keys = data.count(USAGE_KEY, 0, end)
+    return keys > 0 and keys > data.count(b'"usage":null', 0, end) + data.count(b'"usage": null', 0, end)
 
 
-class UsageEventFilter:
-    """Removes usage-only events (`"choices": []` plus `usage`) from a stream whose client did not
-    ask for them: proxykit asked the upstream for usage itself, to count tokens.
+def without_usage_events(chunk: bytes, *, starts_an_event: bool) -> bytes:
+    """`chunk` without its usage-only events (`"choices": []` plus `usage`), for a stream whose
+    client did not ask for them: proxykit asked the upstream for usage itself, to count tokens.
 
     Only whole events inside one chunk are removed, and nothing is ever held back: an event split
-    across reads passes through untouched (the SDKs accept it; it is what `include_usage` sends)."""
-
-    def __init__(self) -> None:
-        self._at_boundary = True  # the previous chunk ended an event
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if _USAGE not in chunk:
-            self._at_boundary = chunk.endswith(b"\n\n")
-            return chunk
-        parts = chunk.split(b"\n\n")
-        kept = []
-        for i, part in enumerate(parts):
-            whole = (i > 0 or self._at_boundary) and i < len(parts) - 1
-            if whole and _is_usage_only(part):
-                continue
-            kept.append(part)
-        self._at_boundary = chunk.endswith(b"\n\n")
-        return b"\n\n".join(kept)
+    across reads passes through untouched (the SDKs accept it; it is what `include_usage` sends).
+    `starts_an_event`: the chunk before ended an event."""
+    parts = chunk.split(b"\n\n")
+    kept = []
+    for i, part in enumerate(parts):
+        whole = (i > 0 or starts_an_event) and i < len(parts) - 1
+        if whole and _is_usage_only(part):
+            continue
+        kept.append(part)
+    return b"\n\n".join(kept)
 
 
 def _is_usage_only(event: bytes) -> bool:
-    if not event.startswith(b"data:") or _USAGE not in event:
+    if not event.startswith(b"data:") or USAGE_KEY not in event:
         return False
     try:
         payload = json.loads(event[5:])
@@ -128,11 +121,11 @@ def _trailing_usage(body: bytes) -> Any:
 
     The last `"usage"` followed by `:` is a key (inside a JSON string a quote is escaped), and
     exactly one `}` after its value makes it a member of the object that ends the body."""
-    at = body.rfind(_USAGE)
+    at = body.rfind(USAGE_KEY)
     if at == -1 or not body.lstrip().startswith(b"{"):
         return None
     try:
-        after_key = body[at + len(_USAGE):].decode().lstrip()
+        after_key = body[at + len(USAGE_KEY):].decode().lstrip()
         if not after_key.startswith(":"):
             return None
         value = after_key[1:].lstrip()

@@ -7,7 +7,9 @@ ones are real uvicorn servers.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -160,6 +162,34 @@ async def test_a_silent_upstream_is_a_read_timeout_before_and_after_the_headers(
         await client.aclose()
 
 
+async def test_a_client_slower_than_the_read_timeout_is_not_the_upstream_going_silent() -> None:
+    # Silence counts from the later of the last data and the moment the client asked for more.
+    next_part = asyncio.Event()
+
+    async def answers_when_told(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+        await next_part.wait()
+        await asyncio.sleep(0.25)  # half the read timeout after the client asked
+        writer.write(b"cd")
+        await reader.read()
+
+    scripted = Scripted(answers_when_told)
+    client = Http1Client()
+    async with scripted.running() as url:
+        response = await client.open("POST", url, [], b"{}", {**TIMEOUTS, "read": 0.5})
+        assert await response.read_chunk() == b"ab"
+        loop = asyncio.get_running_loop()
+        await anyio.sleep(1.2)  # a slow client: two read timeouts without asking for more
+        timer = response._silence_timer
+        assert timer is not None
+        await asyncio.sleep(max(0.0, timer.when() - loop.time() - 0.05))  # ask just before the timer's check
+        next_part.set()
+        with anyio.fail_after(5):
+            assert await read_all(response) == b"cd"
+        await client.aclose()
+
+
 @pytest.mark.parametrize(("answer", "outcome"), [
     pytest.param(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nhello world", b"hello world",
                  id="no-length-ends-with-the-connection"),
@@ -183,6 +213,26 @@ async def test_an_answer_ended_by_the_connection(answer: bytes, outcome: bytes |
             else:
                 with pytest.raises(outcome):
                     await send(client, url)
+        await client.aclose()
+
+
+async def test_a_body_without_a_length_cut_by_a_reset_is_a_read_error() -> None:
+    async def answers_and_resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nhello")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
+        writer.transport.abort()
+
+    scripted = Scripted(answers_and_resets)
+    client = Http1Client()
+    async with scripted.running() as url:
+        response = await client.open("POST", url, [], b"{}", TIMEOUTS)
+        with anyio.fail_after(5), pytest.raises(httpx.ReadError):
+            await read_all(response)  # not a complete body: the connection broke, it did not end
+        await response.aclose()
         await client.aclose()
 
 

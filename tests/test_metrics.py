@@ -134,6 +134,19 @@ async def test_injected_usage_event_is_counted_but_never_reaches_a_client_that_d
     assert value(text, "proxykit_tokens_total", type="completion") == 4
 
 
+async def test_openai_null_usage_events_pass_untouched_and_the_real_one_is_counted_and_removed() -> None:
+    # Asked for usage, OpenAI sends `"usage": null` in every event before the one that carries it.
+    events = [event.replace(b"}}]}", b'}}],"usage":null}') for event in STREAM_EVENTS[:2]]
+    async with respx_proxy(make_config()) as (router, client):
+        router.post("/chat/completions").mock(
+            side_effect=lambda request: streamed(200, *events, STREAM_EVENTS[2], headers=SSE))
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        text = (await client.get("/metrics")).text
+    assert b'"usage":null' in events[0]
+    assert response.content == events[0] + events[1] + b"data: [DONE]\n\n"
+    assert value(text, "proxykit_tokens_total", type="completion") == 2
+
+
 async def test_gzip_upstream_usage_is_counted_and_the_bytes_stay_compressed() -> None:
     compressed = gzip.compress(PLAIN)
     headers = {"content-type": "application/json", "content-encoding": "gzip"}

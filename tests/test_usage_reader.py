@@ -60,9 +60,18 @@ STREAM = b"".join([
 
 
 NO_USAGE = STREAM.replace(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n', b"")
+# Asked for usage, OpenAI puts `"usage": null` in every other event.
+NULL_USAGE = b"".join([
+    b'data: {"choices":[{"delta":{"content":"x data: y [DONE]"}}],"usage":null}\n\n',
+    b'data:{"choices":[{"delta":{"content":"z"}}], "usage": null}\r\n\r\n',
+    b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
+    b"data: [DONE]\n\n",
+])
 SPLITS = [
     *(pytest.param(STREAM, cut, 3, {"total_tokens": 3}, id=f"usage-{cut}") for cut in range(1, len(STREAM))),
     *(pytest.param(NO_USAGE, cut, 2, None, id=f"no-usage-{cut}") for cut in range(1, len(NO_USAGE))),
+    *(pytest.param(NULL_USAGE, cut, 3, {"total_tokens": 3}, id=f"null-usage-{cut}")
+      for cut in range(1, len(NULL_USAGE))),
 ]
 
 
