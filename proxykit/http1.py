@@ -355,6 +355,7 @@ class Http1Client:
         self._idle: dict[Origin, collections.deque[_Connection]] = {}
         self._connections: set[_Connection] = set()  # open or opening
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one every connection belongs to
 
     @property
     def open_connections(self) -> int:
@@ -366,6 +367,7 @@ class Http1Client:
     ) -> Http1Response:
         """Sends a request and returns once the response headers are in. `headers` carry neither
         `host` nor framing (`content-length`, `transfer-encoding`): the client sets those."""
+        self._check_loop()
         target = _target(url)
         streamed = not isinstance(body, bytes)
         framing = _CHUNKED if streamed else b"content-length: %d" % len(body)  # type: ignore[arg-type]
@@ -389,6 +391,20 @@ class Http1Client:
             except BaseException:
                 connection.close()  # cancelled or failed half way: the stream's state is unknown
                 raise
+
+    def _check_loop(self) -> None:
+        # A host may run the app on one event loop after another (Starlette's TestClient outside
+        # a `with` block runs each request on a new one). Connections of an earlier loop cannot
+        # be used, nor closed, from this one: they are let go. Asking the known loop for its
+        # current task is cheap; `get_running_loop()` costs a system call on Python 3.11.
+        if self._loop is not None and asyncio.current_task(self._loop) is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._idle.clear()
+            self._connections.clear()
+            self._slot_waiters.clear()
+            self._loop = loop
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import socket
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
 
 from proxykit import DemoUpstream, create_app
 from proxykit.demo import demo_config
@@ -115,3 +122,34 @@ async def test_standalone_app_runs_its_lifespan_through_every_middleware(caplog:
             assert app.state.resources.state.name == "OPENED"
     assert app.state.resources.state.name == "CLOSED"
     assert not [r for r in caplog.records if "lifespan" in r.getMessage()]
+
+
+def test_a_test_client_outside_a_with_block_gets_every_answer() -> None:
+    # Starlette's TestClient outside `with` runs each request on an event loop of its own: nothing
+    # bound to the first loop (connections, timers) may be used on the next.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(DemoUpstream(delay=0), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    # Each request's loop ends with its upstream connection open, and nothing runs proxykit's
+    # shutdown (the host has no lifespan here): the garbage collector closes those sockets.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started and time.monotonic() < deadline:
+                time.sleep(0.01)
+            upstream_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+            host = Starlette(routes=[Mount("/llm", app=create_app(demo_config(upstream_url)))])
+            client = TestClient(host)
+            for _ in range(3):
+                response = client.post("/llm/v1/chat/completions", json=CHAT)
+                assert response.status_code == 200, response.text
+                assert "You said: mounted" in response.json()["choices"][0]["message"]["content"]
+            del host, client  # the last connection with them, collected below
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()
+            gc.collect()
