@@ -38,6 +38,10 @@ class UsageReader:
                 self._inflate, self._body, self.event_stream = None, None, False  # unreadable: stop looking
                 return
         if self.event_stream:
+            if not self._line and chunk.endswith(b"\n") and USAGE_KEY not in chunk and b"[DONE]" not in chunk:
+                # The usual chunk: whole lines of events without usage, counted in place.
+                self.events += chunk.count(b"\ndata:") + chunk.startswith(b"data:")
+                return
             data = self._line + chunk if self._line else chunk  # starts at the start of a line
             whole = data.rfind(b"\n") + 1
             self._line = data[whole:]  # an unfinished line waits for the rest
