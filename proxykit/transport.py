@@ -135,7 +135,7 @@ _SET_BY_CLIENT: Final = frozenset({b"host", b"content-length", b"transfer-encodi
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends httpx requests through one `aiohttp.ClientSession`, created on first use: for a host
-    that wants aiohttp's client (HTTP proxies from the environment aside, it behaves the same).
+    that prefers aiohttp's client to proxykit's own.
 
     Bodies pass as raw bytes both ways: no decompression, no added Accept-Encoding.
     """
