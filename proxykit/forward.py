@@ -19,7 +19,7 @@ from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
 from proxykit.sends import beyond_stepped_aside
-from proxykit.sse import USAGE_KEY, UsageReader, carries_usage, without_usage_events
+from proxykit.sse import UsageReader, carries_usage, without_usage_events
 from proxykit.upstream import UpstreamResponse
 from proxykit.watch import AttemptWatch, AttemptWatches
 
@@ -175,7 +175,7 @@ class Forwarder:
                 ctx.upstream_wait += time.perf_counter() - waiting_since
                 if reader is not None:
                     reader.feed(chunk)
-                if strip_usage and USAGE_KEY in chunk and carries_usage(chunk):
+                if strip_usage and carries_usage(chunk):
                     chunk = without_usage_events(chunk, starts_an_event=ended_cleanly)
                     if not chunk:
                         continue  # a whole event, gone: the stream is still at an event's end
