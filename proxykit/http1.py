@@ -417,7 +417,8 @@ class Http1Client:
         return None
 
     async def _connect(self, origin: Origin, timeouts: Mapping[str, float | None]) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop  # set by `_check_loop()` for this request
+        assert loop is not None
         while len(self._connections) >= self.max_connections:
             if not self._close_one_idle():
                 await self._wait_for_slot(loop, timeouts.get("pool"))

@@ -104,6 +104,9 @@ def _body_of(request: httpx.Request) -> bytes | AsyncIterable[bytes]:
         return request.stream  # type: ignore[return-value]  # a streamed upload stays streamed
 
 
+_SET_BY_CLIENT: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+
 class Http1Transport(httpx.AsyncBaseTransport):
     """Sends httpx requests through proxykit's own HTTP/1.1 client (`proxykit.http1`), the default.
 
@@ -128,9 +131,6 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
-
-_SET_BY_CLIENT: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
