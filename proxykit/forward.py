@@ -87,7 +87,7 @@ class Forwarder:
             changes["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             ctx.injected_usage = True
         if changes:
-            body = json.dumps({**payload, **changes}).encode()
+            body = _with_members(body, payload, changes)
         headers = upstream_headers(scope["headers"])
         headers.append((b"x-request-id", ctx.request_id.encode("latin-1")))
         if secret:
@@ -173,12 +173,14 @@ class Forwarder:
                 if not chunk:
                     break
                 ctx.upstream_wait += time.perf_counter() - waiting_since
-                if reader is not None:
-                    reader.feed(chunk)
                 if strip_usage and carries_usage(chunk):
-                    chunk = without_usage_events(chunk, starts_an_event=ended_cleanly)
+                    chunk, usage = without_usage_events(chunk, starts_an_event=ended_cleanly)
+                    if reader is not None and usage is not None:
+                        reader.usage = usage  # parsed once: the reader sees only what is relayed
                     if not chunk:
                         continue  # a whole event, gone: the stream is still at an event's end
+                if reader is not None:
+                    reader.feed(chunk)
                 if response.at_eof():  # the last chunk: it ends the response, one message fewer
                     _finish(reader, ctx)
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
@@ -226,6 +228,19 @@ def _finish(reader: UsageReader | None, ctx: RequestContext, *, complete: bool =
         reader.finish()
         ctx.usage, ctx.sent_events = reader.usage, reader.events
     ctx.finished = complete
+
+
+def _with_members(body: bytes, payload: dict[str, Any], changes: dict[str, Any]) -> bytes:
+    """The body with `changes` made. Members the body does not have yet go in before its closing
+    brace, and the client's own bytes stay as they came: encoding the payload again costs ~200 µs
+    for a 70 KB conversation, and escapes every non-ASCII character. A member the body has
+    already means encoding it again (no duplicate keys)."""
+    if changes.keys().isdisjoint(payload):
+        end = body.rstrip()
+        # A body in UTF-16 or UTF-32 (JSON allows them) has a zero byte beside one brace or both.
+        if end.endswith(b"}") and body.lstrip().startswith(b"{"):
+            return end[:-1] + b"," + json.dumps(changes).encode()[1:]
+    return json.dumps({**payload, **changes}).encode()
 
 
 def _asks_for_usage(payload: dict[str, Any]) -> bool:

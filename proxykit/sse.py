@@ -87,31 +87,39 @@ def carries_usage(data: bytes, end: int | None = None) -> bool:
     return keys > 0 and keys > data.count(b'"usage":null', 0, end) + data.count(b'"usage": null', 0, end)
 
 
-def without_usage_events(chunk: bytes, *, starts_an_event: bool) -> bytes:
+def without_usage_events(chunk: bytes, *, starts_an_event: bool) -> tuple[bytes, dict[str, Any] | None]:
     """`chunk` without its usage-only events (`"choices": []` plus `usage`), for a stream whose
     client did not ask for them: proxykit asked the upstream for usage itself, to count tokens.
+    Also the usage of the last event removed, if any.
 
     Only whole events inside one chunk are removed, and nothing is ever held back: an event split
     across reads passes through untouched (the SDKs accept it; it is what `include_usage` sends).
     `starts_an_event`: the chunk before ended an event."""
     parts = chunk.split(b"\n\n")
     kept = []
+    removed = None
     for i, part in enumerate(parts):
         whole = (i > 0 or starts_an_event) and i < len(parts) - 1
-        if whole and _is_usage_only(part):
-            continue
-        kept.append(part)
-    return b"\n\n".join(kept)
+        usage = _usage_only(part) if whole else None
+        if usage is None:
+            kept.append(part)
+        else:
+            removed = usage
+    return b"\n\n".join(kept), removed
 
 
-def _is_usage_only(event: bytes) -> bool:
+def _usage_only(event: bytes) -> dict[str, Any] | None:
+    """The usage of a usage-only event, else None."""
     if not event.startswith(b"data:") or USAGE_KEY not in event:
-        return False
+        return None
     try:
         payload = json.loads(event[5:])
     except ValueError:
-        return False
-    return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
+        return None
+    if not isinstance(payload, dict) or payload.get("choices") != []:
+        return None
+    usage = payload.get("usage")
+    return usage if isinstance(usage, dict) else None
 
 
 _DECODER: Final = json.JSONDecoder()

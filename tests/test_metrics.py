@@ -134,6 +134,40 @@ async def test_injected_usage_event_is_counted_but_never_reaches_a_client_that_d
     assert value(text, "proxykit_tokens_total", type="completion") == 4
 
 
+@pytest.mark.parametrize("raw", [
+    # Non-ASCII text stays as the client wrote it (re-encoding would escape it), spacing too.
+    '{"model": "chat",  "stream": true, "messages": [{"role": "user", "content": "héllo ✓"}]} \n'.encode(),
+    # Options the client set survive, merged with the usage request; no key appears twice.
+    b'{"model": "chat", "stream": true, "stream_options": {"include_usage": false, "x": 1}, "messages": []}',
+    b'{"model": "chat", "stream": true, "stream_options": null, "messages": []}',
+    # JSON may come in UTF-16: it cannot be appended to, and is encoded again.
+    '{"model": "chat", "stream": true, "messages": []}'.encode("utf-16"),
+    '{"model": "chat", "stream": true, "messages": []}'.encode("utf-16-be"),  # ends in b"}" all the same
+], ids=["non-ascii", "options-merged", "options-null", "utf-16", "utf-16-be"])
+async def test_usage_is_asked_for_in_a_body_that_stays_valid_json(raw: bytes) -> None:
+    config = make_config()
+    config["models"][0]["deployments"][0]["model"] = "chat"  # no model change: only the usage request
+    async with respx_proxy(config) as (router, client):
+        route = router.post("/chat/completions").mock(
+            side_effect=lambda request: streamed(200, *STREAM_EVENTS, headers=SSE))
+        response = await client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    sent = route.calls.last.request.content
+    pairs: list[list[tuple[str, object]]] = []
+
+    def remember(items: list[tuple[str, object]]) -> dict[str, object]:
+        pairs.append(items)
+        return dict(items)
+
+    payload = json.loads(sent, object_pairs_hook=remember)
+    expected = json.loads(raw)
+    expected["stream_options"] = {**(expected.get("stream_options") or {}), "include_usage": True}
+    assert payload == expected
+    assert all(len({name for name, _ in items}) == len(items) for items in pairs)  # no duplicate keys
+    if raw.startswith(b'{"model": "chat",  "stream"'):
+        assert sent.startswith(raw.rstrip()[:-1])  # the client's bytes, the member appended
+    assert b"usage" not in response.content  # the injected event went to the metrics, not the client
+
+
 async def test_openai_null_usage_events_pass_untouched_and_the_real_one_is_counted_and_removed() -> None:
     # Asked for usage, OpenAI sends `"usage": null` in every event before the one that carries it.
     events = [event.replace(b"}}]}", b'}}],"usage":null}') for event in STREAM_EVENTS[:2]]
