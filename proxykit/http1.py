@@ -118,8 +118,9 @@ class Http1Response:
             await self._more()
 
     def _more(self) -> asyncio.Future[None]:
-        """A future done when more of the response arrived, or it failed; the caller looks again.
-        A plain function, not a coroutine: one frame less on every read of every stream."""
+        """A future done when more of the response arrived, or it failed; the caller looks again,
+        so pieces that came before a failure are read before it. A plain function, not a
+        coroutine: one frame less on every read of every stream."""
         if self._error is not None:
             raise self._error
         loop = self._connection.loop

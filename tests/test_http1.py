@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxykit.http1 import PAUSE_ABOVE, Http1Client, Http1Response
+from proxykit.http1 import PAUSE_ABOVE, Http1Client, Http1Response, Origin, _Connection
 from tests.conftest import free_port, serve
 from tests.upstreams import Records, read_body
 
@@ -395,3 +395,36 @@ async def test_https_verifies_the_upstream_certificate(tmp_path: Path) -> None:
         await trusting.aclose()
     assert upstream.bodies == [b'{"a": 1}']
     assert upstream.headers[0]["host"].startswith("127.0.0.1:")
+
+
+class _Wire(asyncio.Transport):
+    """A transport that goes nowhere: the test plays the upstream's part by hand."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_piece_that_came_with_the_break_is_read_before_the_error() -> None:
+    # Over a real socket the two may or may not arrive in one loop turn; here they always do.
+    loop = asyncio.get_running_loop()
+    client = Http1Client()
+    connection = _Connection(client, Origin("http", "upstream.test", 80), loop)
+    connection.connection_made(_Wire())
+    response = connection.send(b"GET / HTTP/1.1\r\n\r\n", b"", head_request=False)
+    connection.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    await response._wait_for_start(5.0)
+    reading = asyncio.ensure_future(response.read_chunk())
+    await asyncio.sleep(0)  # the read waits for a piece
+    connection.data_received(b"5\r\nhello\r\n")
+    connection.connection_lost(None)
+    with anyio.fail_after(5):
+        assert await reading == b"hello"
+        with pytest.raises(httpx.ReadError):
+            await response.read_chunk()
+    await response.aclose()
