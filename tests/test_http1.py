@@ -1,7 +1,8 @@
 """proxykit's own HTTP/1.1 client against real sockets: keep-alive, framing, failures, limits.
 
 Upstreams that misbehave on purpose are scripted asyncio servers on 127.0.0.1; well-behaved
-ones are real uvicorn servers.
+ones are real uvicorn servers. One ordering that a socket cannot be made to produce is played by
+hand on a connection without one.
 """
 
 from __future__ import annotations
@@ -428,3 +429,4 @@ async def test_a_piece_that_came_with_the_break_is_read_before_the_error() -> No
         with pytest.raises(httpx.ReadError):
             await response.read_chunk()
     await response.aclose()
+    await client.aclose()
