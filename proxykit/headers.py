@@ -35,14 +35,15 @@ def upstream_headers(client_headers: Iterable[tuple[bytes, bytes]]) -> RawHeader
     """The client's headers as they may go upstream. ASGI servers give request header names in
     lowercase."""
     kept = []
-    connection = None
+    connections = []  # a client may send several Connection headers: each names hop-by-hop fields
     for name, value in client_headers:
         if name in _NOT_UPSTREAM:
-            connection = value if name == b"connection" else connection
+            if name == b"connection":
+                connections.append((name, value))
             continue
         kept.append((name, value))
-    if connection is not None:
-        named = _named_by_connection([(b"connection", connection)])
+    if connections:
+        named = _named_by_connection(connections)
         kept = [(name, value) for name, value in kept if name not in named]
     return kept
 

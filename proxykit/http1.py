@@ -174,9 +174,7 @@ class Http1Response:
         self._buffered += len(data)
         if self._buffered > PAUSE_ABOVE:
             self._connection.pause_reading()
-        waiter = self._waiter  # `_wake()`, inline: this runs for every piece of every stream
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def _message_complete(self, keep_alive: bool) -> None:
         self._complete = True

@@ -13,7 +13,7 @@ proxy's CPU per request. A disconnect watch starts `WATCH_AFTER` seconds into an
 answer, even at 64 concurrent, is relayed before that, where a watching task for every request
 cost ~5% of the CPU. So a client who leaves is noticed within `WATCH_AFTER + TICK` seconds, and a
 first-byte deadline passes up to `TICK` late. Plain asyncio rather than an anyio task group and
-cancel scope, which cost a fifth of the CPU (aiohttp ties proxykit to asyncio anyway).
+cancel scope, which cost a fifth of the CPU (the upstream client runs on asyncio anyway).
 """
 
 from __future__ import annotations

@@ -189,3 +189,14 @@ async def test_unknown_route_and_method_get_openai_shaped_errors() -> None:
     assert missing.json()["error"]["code"] == "not_found"
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_fields_named_by_every_connection_header_stay_behind() -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(return_value=streamed(200, UPSTREAM_BODY))
+        await client.post("/v1/chat/completions", json=CHAT, headers=[
+            ("connection", "x-first"), ("connection", "x-second"), ("x-first", "1"), ("x-second", "2"),
+            ("x-kept", "3")])
+    sent = route.calls.last.request.headers
+    assert "x-first" not in sent and "x-second" not in sent
+    assert sent["x-kept"] == "3"
