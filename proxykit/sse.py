@@ -30,25 +30,29 @@ class UsageReader:
         self._body: bytearray | None = None if event_stream else bytearray()
         self._inflate = _decompressor(encoding)
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes, *, without_usage: bool = False) -> None:
+        """Looks at the next chunk. `without_usage`: the caller searched `chunk` for a usage
+        object already and found none."""
         if self._inflate is not None:
             try:
                 chunk = self._inflate.decompress(chunk)
             except zlib.error:
                 self._inflate, self._body, self.event_stream = None, None, False  # unreadable: stop looking
                 return
+            without_usage = False  # the caller saw compressed bytes
         if self.event_stream:
-            data = self._line + chunk if self._line else chunk  # starts at the start of a line
-            if data.endswith(b"\n") and not carries_usage(data) and b"[DONE]" not in data:
+            if self._line:  # an unfinished line before: the chunk completes it
+                chunk, without_usage = self._line + chunk, False
+            if chunk.endswith(b"\n") and (without_usage or not carries_usage(chunk)) and chunk.find(b"[DONE]") < 0:
                 # The usual chunk: whole events without usage, counted in place (copying and
                 # splitting lines cost ~5% of a stream's CPU). A raw newline cannot occur inside
-                # an event's JSON.
+                # an event's JSON. (`find`, not `in`: `in` measured ~0.1 µs slower on bytes.)
                 self._line = b""
-                self.events += data.count(b"\ndata:") + data.startswith(b"data:")
+                self.events += chunk.count(b"\ndata:") + chunk.startswith(b"data:")
                 return
-            whole = data.rfind(b"\n") + 1
-            self._line = data[whole:]  # an unfinished line waits for the rest
-            self._scan_lines(data[:whole])
+            whole = chunk.rfind(b"\n") + 1
+            self._line = chunk[whole:]  # an unfinished line waits for the rest
+            self._scan_lines(chunk[:whole])
         elif self._body is not None:
             if len(self._body) + len(chunk) > _MAX_JSON_BODY:
                 self._body = None

@@ -134,6 +134,20 @@ async def test_injected_usage_event_is_counted_but_never_reaches_a_client_that_d
     assert value(text, "proxykit_tokens_total", type="completion") == 4
 
 
+async def test_a_stream_proxykit_asks_usage_for_comes_uncompressed_so_the_usage_can_be_taken_out() -> None:
+    # SDKs send `accept-encoding: gzip` (httpx does); a compressed stream could not be cut.
+    gzip_ok = {"accept-encoding": "gzip, deflate"}
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(
+            side_effect=lambda request: streamed(200, *STREAM_EVENTS, headers=SSE))
+        await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=gzip_ok)
+        await client.post("/v1/chat/completions", headers=gzip_ok, json={
+            **CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    injected, asked = (call.request.headers.get_list("accept-encoding") for call in route.calls)
+    assert injected == ["identity"]
+    assert asked == ["gzip, deflate"]  # the client asked for usage itself: its choice stands
+
+
 @pytest.mark.parametrize("raw", [
     # Non-ASCII text stays as the client wrote it (re-encoding would escape it), spacing too.
     '{"model": "chat",  "stream": true, "messages": [{"role": "user", "content": "héllo ✓"}]} \n'.encode(),

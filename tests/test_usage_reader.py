@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -91,3 +92,20 @@ def test_stream_read_a_byte_at_a_time() -> None:
     for i in range(len(STREAM)):
         reader.feed(STREAM[i:i + 1])
     assert (reader.events, reader.usage) == (3, {"total_tokens": 3})
+
+
+def test_a_caller_that_found_no_usage_is_not_trusted_where_it_could_not_see_it() -> None:
+    # The hint is about the bytes the caller searched: not the unfinished line before them, and
+    # not what compressed bytes inflate to.
+    split = UsageReader(event_stream=True, encoding=None)
+    split.feed(b'data: {"choices":[],"us')
+    split.feed(b'age":{"total_tokens":3}}\n\n', without_usage=True)
+    compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    events = b'data: {"choices":[{"delta":{"content":"z"}}]}\n\ndata: {"choices":[],"usage":{"total_tokens":3}}\n\n'
+    compressed = compressor.compress(events) + compressor.flush()
+    inflated = UsageReader(event_stream=True, encoding="gzip")
+    inflated.feed(compressed, without_usage=True)
+    for reader in (split, inflated):
+        reader.finish()
+    assert (split.events, split.usage) == (1, {"total_tokens": 3})
+    assert (inflated.events, inflated.usage) == (2, {"total_tokens": 3})
