@@ -25,6 +25,10 @@ from proxykit.watch import AttemptWatch, AttemptWatches
 
 logger = logging.getLogger(__name__)
 
+# The APIs whose streams carry usage only on request (`stream_options.include_usage`). Others
+# reject the option (the Responses API answers 400), and the Responses API sends usage anyway.
+_STREAM_USAGE_ON_REQUEST = frozenset({"/chat/completions", "/completions"})
+
 
 class Forwarder:
     """Sends each `/v1/...` request to the upstream picked for it and streams the answer back.
@@ -82,7 +86,11 @@ class Forwarder:
         changes: dict[str, Any] = {}
         if deployment.model != payload["model"]:  # the upstream's id, or a fallback model's
             changes["model"] = deployment.model
-        if self.count_usage and payload.get("stream") is True and not _asks_for_usage(payload):
+        path = route_path(scope)
+        if (
+            self.count_usage and payload.get("stream") is True and path in _STREAM_USAGE_ON_REQUEST
+            and not _asks_for_usage(payload)
+        ):
             # Streams carry usage only when asked; proxykit asks, and removes the extra event again.
             changes["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             ctx.injected_usage = True
@@ -97,7 +105,7 @@ class Forwarder:
         if secret:
             headers.append((b"authorization", b"Bearer " + secret.encode("latin-1")))
         # The deployment's base_url ends in the API version (…/v1), as OpenAI SDK base URLs do.
-        url = deployment.base_url + route_path(scope)
+        url = deployment.base_url + path
         if query := scope.get("query_string"):
             url = f"{url}?{query.decode('latin-1')}"
         return _UpstreamRequest(scope["method"], url, headers, body)

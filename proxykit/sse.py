@@ -5,6 +5,7 @@
         reader.feed(chunk)       # a look at a copy; `chunk` goes on unchanged
     reader.finish()
     reader.usage                 # {"prompt_tokens": ..., "completion_tokens": ..., ...} or None
+                                 # (Responses API names are mapped to these)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ USAGE_KEY: Final = b'"usage"'
 
 class UsageReader:
     """Finds the `usage` object of an OpenAI-style response: the last `data:` event that carries
-    one in a stream, or the top-level field of a JSON body. Keeps only an unfinished line (streams)
+    one in a stream (in a Responses API stream, the response in its last event), or the
+    top-level field of a JSON body. Keeps only an unfinished line (streams)
     or a bounded copy of the body (plain JSON)."""
 
     def __init__(self, *, event_stream: bool, encoding: str | None) -> None:
@@ -60,14 +62,15 @@ class UsageReader:
                 self._body += chunk
 
     def finish(self) -> None:
-        if not self._body:
-            return
-        body = bytes(self._body)
-        usage = _trailing_usage(body)
-        if not isinstance(usage, dict):
-            usage = _usage_of(body)  # another shape of body: the full parse
-        if usage is not None:
-            self.usage = usage
+        if self._body:
+            body = bytes(self._body)
+            usage = _trailing_usage(body)
+            if not isinstance(usage, dict):
+                usage = _usage_of(body)  # another shape of body: the full parse
+            if usage is not None:
+                self.usage = usage
+        if self.usage is not None:
+            self.usage = _in_chat_terms(self.usage)
 
     def _scan_lines(self, lines: bytes) -> None:
         """Whole lines, one at a time: chunks that may hold usage or `[DONE]`, or end mid-line."""
@@ -154,8 +157,23 @@ def _usage_of(data: bytes) -> dict[str, Any] | None:
         payload = json.loads(data)
     except ValueError:
         return None
-    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if usage is None and isinstance(response := payload.get("response"), dict):
+        usage = response.get("usage")  # the Responses API's last event holds the whole response
     return usage if isinstance(usage, dict) else None
+
+
+def _in_chat_terms(usage: dict[str, Any]) -> dict[str, Any]:
+    """`usage` with Chat Completions names: the Responses API (and Anthropic's) count the same
+    tokens as `input_tokens` and `output_tokens`."""
+    if "prompt_tokens" in usage or "input_tokens" not in usage:
+        return usage
+    named = {**usage, "prompt_tokens": usage["input_tokens"], "completion_tokens": usage.get("output_tokens")}
+    if isinstance(details := usage.get("output_tokens_details"), dict):
+        named["completion_tokens_details"] = details
+    return named
 
 
 def _decompressor(encoding: str | None) -> Any:

@@ -148,6 +148,36 @@ async def test_a_stream_proxykit_asks_usage_for_comes_uncompressed_so_the_usage_
     assert asked == ["gzip, deflate"]  # the client asked for usage itself: its choice stands
 
 
+async def test_responses_api_requests_go_up_unchanged_and_their_usage_is_counted() -> None:
+    # The Responses API rejects `stream_options.include_usage`, names its tokens input and output,
+    # and streams usage inside the response of its last event.
+    config = make_config()
+    config["models"][0]["deployments"][0]["model"] = "chat"  # no model change: the body could stay
+    usage = {"input_tokens": 11, "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 2},
+             "total_tokens": 17}
+    completed = {"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "usage": usage}}
+    events = [
+        b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","usage":null}}\n\n',
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n',
+        b"event: response.completed\ndata: " + json.dumps(completed).encode() + b"\n\n",
+    ]
+    plain: dict[str, Any] = {
+        "id": "resp_2", "output": [], "usage": {"input_tokens": 5, "output_tokens": 3}, "user": None}
+    stream_body = b'{"model": "chat", "input": "hi", "stream": true}'
+    async with respx_proxy(config) as (router, client):
+        route = router.post("/responses").mock(side_effect=[
+            streamed(200, *events, headers=SSE), streamed(200, json.dumps(plain).encode())])
+        stream = await client.post("/v1/responses", content=stream_body, headers={"content-type": "application/json"})
+        answer = await client.post("/v1/responses", json={"model": "chat", "input": "hi"})
+        text = (await client.get("/metrics")).text
+    assert route.calls[0].request.content == stream_body  # no usage option added
+    assert stream.content == b"".join(events)
+    assert answer.json() == plain
+    assert value(text, "proxykit_tokens_total", type="prompt") == 11 + 5
+    assert value(text, "proxykit_tokens_total", type="completion") == 6 + 3
+    assert value(text, "proxykit_tokens_total", type="reasoning") == 2
+
+
 @pytest.mark.parametrize("raw", [
     # Non-ASCII text stays as the client wrote it (re-encoding would escape it), spacing too.
     '{"model": "chat",  "stream": true, "messages": [{"role": "user", "content": "héllo ✓"}]} \n'.encode(),
