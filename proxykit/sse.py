@@ -21,8 +21,8 @@ USAGE_KEY: Final = b'"usage"'
 class UsageReader:
     """Finds the `usage` object of an OpenAI-style response: the last `data:` event that carries
     one in a stream (in a Responses API stream, the response in its last event), or the
-    top-level field of a JSON body. Keeps only an unfinished line (streams)
-    or a bounded copy of the body (plain JSON)."""
+    top-level field of a JSON body. Keeps only an unfinished line (streams) or a bounded copy of
+    the body (plain JSON)."""
 
     def __init__(self, *, event_stream: bool, encoding: str | None) -> None:
         self.event_stream = event_stream
