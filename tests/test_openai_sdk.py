@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -18,7 +19,7 @@ from openai.types.chat import (
 from proxykit import DemoUpstream, create_app
 from proxykit.demo import demo_config
 from tests.conftest import ProxykitProcess, make_config, proxykit_process, serve
-from tests.upstreams import BreaksOff
+from tests.upstreams import BreaksOff, ResponsesApi
 
 pytestmark = pytest.mark.anyio
 
@@ -149,3 +150,20 @@ async def test_sdk_raises_on_a_stream_cut_upstream() -> None:
                     async for chunk in stream:
                         received.append(chunk)
     assert len(received) == 2  # what came before the break still reached the client
+
+
+async def test_responses_api_stream_reaches_the_sdk_and_its_usage_is_counted() -> None:
+    # With metrics on, proxykit asks chat streams for usage; the Responses API would refuse that.
+    async with serve(ResponsesApi(), lifespan="off") as upstream_url:
+        async with serve(create_app(make_config(f"{upstream_url}/v1"))) as url:
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+                stream = await client.responses.create(model="chat", input="Hello SDK", stream=True)
+                events = [event async for event in stream]
+            async with httpx.AsyncClient() as plain:
+                metrics = (await plain.get(f"{url}/metrics")).text
+    assert [event.type for event in events] == ["response.created", "response.output_text.delta", "response.completed"]
+    completed = events[-1]
+    assert completed.type == "response.completed" and completed.response.usage is not None
+    assert completed.response.usage.input_tokens == 12
+    for kind, count in (("prompt", 12), ("completion", 2), ("reasoning", 1)):
+        assert f'proxykit_tokens_total{{client="anonymous",model="chat",type="{kind}"}} {count}.0' in metrics

@@ -110,3 +110,35 @@ class Records:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
+
+
+RESPONSES_USAGE = {"input_tokens": 12, "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 1}}
+
+
+class ResponsesApi:
+    """OpenAI's Responses API, streaming: usage comes inside the response of the last event, and,
+    strict as OpenAI is, a parameter it does not know (`stream_options.include_usage`) is a 400."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = json.loads(await read_body(receive))
+        if "include_usage" in (request.get("stream_options") or {}):
+            error = {"message": "Unknown parameter: 'stream_options.include_usage'.", "type": "invalid_request_error",
+                     "param": "stream_options.include_usage", "code": "unknown_parameter"}
+            json_type = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 400, "headers": json_type})
+            await send({"type": "http.response.body", "body": json.dumps({"error": error}).encode()})
+            return
+        response = {"id": "resp_1", "object": "response", "created_at": 0, "model": request["model"],
+                    "status": "in_progress", "output": [], "usage": None}
+        events = [
+            {"type": "response.created", "sequence_number": 0, "response": response},
+            {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0,
+             "content_index": 0, "delta": "Hello", "logprobs": []},
+            {"type": "response.completed", "sequence_number": 2,
+             "response": {**response, "status": "completed", "usage": RESPONSES_USAGE}},
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        for item in events:
+            body = f"event: {item['type']}\ndata: {json.dumps(item)}\n\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
