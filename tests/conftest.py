@@ -89,11 +89,13 @@ async def serve(app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto"
 
 
 @asynccontextmanager
-async def proxy_in_front_of(upstream: ASGIApp, **overrides: Any) -> AsyncIterator[str]:
+async def proxy_in_front_of(
+    upstream: ASGIApp, *, transport: httpx.AsyncBaseTransport | None = None, **overrides: Any
+) -> AsyncIterator[str]:
     """A real upstream server and a real proxy server in front of it; yields the proxy's URL."""
     async with serve(upstream, lifespan="off") as upstream_url:
         config = make_config(f"{upstream_url}/v1", **overrides)
-        async with serve(create_app(config)) as proxy_url:
+        async with serve(create_app(config, transport=transport)) as proxy_url:
             yield proxy_url
 
 

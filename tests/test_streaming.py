@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 
 import anyio
 import httpx
 import pytest
 
+from proxykit import AiohttpTransport
 from tests.conftest import CHAT, proxy_in_front_of
 from tests.upstreams import BreaksOff, GatedStream, Silent, WatchesDisconnect, event
 
 pytestmark = pytest.mark.anyio
 
 STREAM = {**CHAT, "stream": True}
+# The default transport, and aiohttp's: a stream is read by a task of its own either way.
+TRANSPORTS = [pytest.param(lambda: None, id="http1"), pytest.param(AiohttpTransport, id="aiohttp")]
 
 
 async def test_each_event_reaches_the_client_before_the_next_is_sent() -> None:
@@ -32,9 +36,12 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent() -> None:
                 assert await anext(chunks) == b"data: [DONE]\n\n"
 
 
-async def test_client_leaving_mid_stream_ends_the_upstream_request() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_client_leaving_mid_stream_ends_the_upstream_request(
+    transport: Callable[[], httpx.AsyncBaseTransport | None],
+) -> None:
     upstream = WatchesDisconnect(events_first=1)
-    async with proxy_in_front_of(upstream) as url, httpx.AsyncClient() as client:
+    async with proxy_in_front_of(upstream, transport=transport()) as url, httpx.AsyncClient() as client:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=STREAM) as response:
             async for _ in response.aiter_raw():
                 break  # the first event arrived while the upstream still streams
@@ -76,10 +83,14 @@ async def test_unreachable_upstream_is_a_502() -> None:
     assert "127.0.0.1:9" not in response.text
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("partial", [b"", b'data: {"choi'], ids=["between-events", "mid-event"])
-async def test_stream_cut_upstream_ends_with_an_error_event_and_no_done(partial: bytes) -> None:
+async def test_stream_cut_upstream_ends_with_an_error_event_and_no_done(
+    partial: bytes, transport: Callable[[], httpx.AsyncBaseTransport | None],
+) -> None:
     received = b""
-    async with proxy_in_front_of(BreaksOff(events=2, partial=partial)) as url, httpx.AsyncClient() as client:
+    upstream = BreaksOff(events=2, partial=partial)
+    async with proxy_in_front_of(upstream, transport=transport()) as url, httpx.AsyncClient() as client:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=STREAM) as response:
             with pytest.raises(httpx.RemoteProtocolError):  # the body never completes
                 async for chunk in response.aiter_raw():
