@@ -165,8 +165,7 @@ def _start_fleet(
     python = sys.executable
     port = free_port()
     upstream = f"http://127.0.0.1:{port}"
-    add("direct", [python, "-m", "uvicorn", "tests.benchmarks.mock_upstream:app", "--port", str(port),
-                   "--log-level", "warning", "--no-access-log"], port, LOAD_CORE, mock_env)
+    add("direct", [python, "-m", "tests.benchmarks.mock_upstream", "--port", str(port)], port, LOAD_CORE, mock_env)
     port = free_port()
     add("floor", [python, "-m", "uvicorn", "tests.benchmarks.floor_proxy:app", "--port", str(port),
                   "--log-level", "warning", "--no-access-log"], port, PROXY_CORE, {"FLOOR_UPSTREAM": upstream})
