@@ -35,6 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 16, 64, 256)
 LATENCIES_MS = (0, 50)
 FULL = "proxykit full"
+STREAM_GAP_MS = 2  # between the events of a benchmark stream
 
 
 def main() -> None:
@@ -96,7 +97,7 @@ def plain(tmp: Path, args: argparse.Namespace, redis_url: str | None) -> list[di
 def streams(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """50 events 2 ms apart, at 1 and 64 concurrent."""
     cells: list[dict[str, Any]] = []
-    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": "2"}, args.litellm, None) as fleet:
+    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": str(STREAM_GAP_MS)}, args.litellm, None) as fleet:
         # One unmeasured round of 64 first: otherwise the first repetition also times each proxy
         # opening its 64 upstream connections.
         for target in fleet.targets:
@@ -233,8 +234,10 @@ def report(results: dict[str, Any]) -> None:
                   f"{cell['first_event_p99_ms']:.1f} | {_ratio(cell, floor, 'first_event_p99_ms', 2)} "
                   f"| {cell['total_p50_ms']:.0f} | {cell['largest_gap_p99_ms']:.1f} | {cell['events_per_read']:.2f} "
                   f"| {cell['completed']:.0%} | {_num(cell['cpu_us_per_event'], 1)} | {_percent(cell['core_busy'])} |")
-        print("\nAt 64 concurrent, 64 events come every 2 ms: a proxy has ~31 µs of its core per event (the "
-              "CPU figure includes each stream's start). Above that, events wait and reads find several.")
+        budget_us = STREAM_GAP_MS * 1000 / 64
+        print(f"\nAt 64 concurrent, 64 events come every {STREAM_GAP_MS} ms: a proxy has ~{budget_us:.0f} µs of its "
+              "core per event (the CPU figure includes each stream's start). Above that, events wait and reads "
+              "find several.")
     if cells := results.get("soak"):
         print(f"\n## {results['settings']['soak_streams']} concurrent streams of 10 s\n")
         print("| target | completed (min) | first event p99 ms | peak RSS MiB |")
