@@ -1,4 +1,4 @@
-"""The processes a benchmark runs: the mock upstream, the floor proxy, proxykit, LiteLLM's proxy.
+"""The processes a benchmark runs: the mock upstream, the floor proxy, the TCP splice, proxykit, LiteLLM's proxy.
 
 Each proxy is pinned to core 0 (`taskset`); the mock, redis and the load generator to core 1.
 """
@@ -21,6 +21,7 @@ import yaml
 
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "pk-bench"
+SPLICE = "tcp splice"
 
 # No cost-map download at start, quiet logs, and no master key: it would refuse to start without one.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
@@ -75,12 +76,18 @@ def _tree(pid: int) -> Iterator[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process tree."""
-    ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system (kernel) CPU time of a process tree."""
+    ticks, user, system = os.sysconf("SC_CLK_TCK"), 0.0, 0.0
     for current in _tree(pid):
         with suppress(OSError):
             fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+            user += int(fields[11]) / ticks
+            system += int(fields[12]) / ticks
+    return user, system
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -142,10 +149,14 @@ class Fleet:
         stop(self.processes)
 
 
-def start_fleet(tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None) -> Fleet:
+def start_fleet(
+    tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None, splice: bool = False,
+) -> Fleet:
+    """`splice`: also the raw TCP splice, the least a Python relay can do (streams only: it has no
+    figures of its own worth comparing for plain requests)."""
     fleet = Fleet()
     try:
-        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url)
+        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice)
     except BaseException:
         fleet.close()
         raise
@@ -153,7 +164,7 @@ def start_fleet(tmp: Path, *, mock_env: dict[str, str], litellm: str | None, red
 
 
 def _start_fleet(
-    fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None
+    fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, splice: bool,
 ) -> None:
     def add(name: str, command: list[str], port: int, core: int, env: dict[str, str] | None = None) -> None:
         process = start(command, core, env)
@@ -169,6 +180,10 @@ def _start_fleet(
     port = free_port()
     add("floor", [python, "-m", "uvicorn", "tests.benchmarks.floor_proxy:app", "--port", str(port),
                   "--log-level", "warning", "--no-access-log"], port, PROXY_CORE, {"FLOOR_UPSTREAM": upstream})
+    if splice:
+        port = free_port()
+        add(SPLICE, [python, "-m", "tests.benchmarks.splice_proxy", "--port", str(port),
+                     "--upstream", upstream.removeprefix("http://")], port, PROXY_CORE)
     variants = {"proxykit bare": proxykit_config(upstream, full=False),
                 "proxykit full": proxykit_config(upstream, full=True)}
     if redis_url:

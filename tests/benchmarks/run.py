@@ -27,7 +27,16 @@ from typing import Any
 
 import uvloop
 
-from tests.benchmarks.processes import LOAD_CORE, Fleet, Target, cpu_seconds, peak_rss_mib, redis_server, start_fleet
+from tests.benchmarks.processes import (
+    LOAD_CORE,
+    SPLICE,
+    Fleet,
+    Target,
+    cpu_split,
+    peak_rss_mib,
+    redis_server,
+    start_fleet,
+)
 from tests.benchmarks.streams import Stream, load, quantile
 from tests.benchmarks.throughput import POST_SCRIPT, run_wrk
 
@@ -97,7 +106,8 @@ def plain(tmp: Path, args: argparse.Namespace, redis_url: str | None) -> list[di
 def streams(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """50 events 2 ms apart, at 1 and 64 concurrent."""
     cells: list[dict[str, Any]] = []
-    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": str(STREAM_GAP_MS)}, args.litellm, None) as fleet:
+    mock_env = {"MOCK_EVENTS": "50", "MOCK_GAP_MS": str(STREAM_GAP_MS)}
+    with _fleet(tmp, mock_env, args.litellm, None, splice=True) as fleet:
         # One unmeasured round of 64 first: otherwise the first repetition also times each proxy
         # opening its 64 upstream connections.
         for target in fleet.targets:
@@ -136,15 +146,18 @@ def soak(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 def _measured_streams(target: Target, concurrency: int, per_client: int) -> dict[str, float]:
     """One run of streams, with the proxy's CPU: at 64 streams whose events come 2 ms apart, a
     core has ~31 µs for each event; a proxy that needs more falls behind and its reads merge."""
-    cpu_before, started = (cpu_seconds(target.pid) if target.pid else 0.0), time.perf_counter()
+    user_before, system_before = cpu_split(target.pid) if target.pid else (0.0, 0.0)
+    started = time.perf_counter()
     finished = [s for s in uvloop.run(load(target.url, concurrency, per_client)) if s is not None]
     wall = time.perf_counter() - started
-    cpu = cpu_seconds(target.pid) - cpu_before if target.pid else float("nan")
+    user, system = cpu_split(target.pid) if target.pid else (math.nan, math.nan)
+    user, system = user - user_before, system - system_before
     events = sum(s.events for s in finished)
     return {
         **_stream_figures(finished, concurrency * per_client),
-        "cpu_us_per_event": cpu / events * 1e6 if events else float("nan"),
-        "core_busy": cpu / wall,
+        "cpu_us_per_event": (user + system) / events * 1e6 if events else math.nan,
+        "kernel_us_per_event": system / events * 1e6 if events else math.nan,
+        "core_busy": (user + system) / wall,
     }
 
 
@@ -226,18 +239,23 @@ def report(results: dict[str, Any]) -> None:
     if cells := results.get("streams"):
         print("\n## Streaming (50 events 2 ms apart)\n")
         print("| conc. | target | first event p50 / p99 ms | p99 vs floor | total p50 ms | largest gap p99 ms "
-              "| events per read | completed | proxy CPU µs / event | proxy core busy |")
+              "| events per read | completed | proxy CPU µs / event (kernel) | proxy core busy |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for cell in cells:
             floor = _named([c for c in cells if c["concurrency"] == cell["concurrency"]], "floor")
             print(f"| {cell['concurrency']} | {cell['target']} | {cell['first_event_p50_ms']:.1f} / "
                   f"{cell['first_event_p99_ms']:.1f} | {_ratio(cell, floor, 'first_event_p99_ms', 2)} "
                   f"| {cell['total_p50_ms']:.0f} | {cell['largest_gap_p99_ms']:.1f} | {cell['events_per_read']:.2f} "
-                  f"| {cell['completed']:.0%} | {_num(cell['cpu_us_per_event'], 1)} | {_percent(cell['core_busy'])} |")
+                  f"| {cell['completed']:.0%} | {_cpu_per_event(cell)} | {_percent(cell['core_busy'])} |")
         budget_us = STREAM_GAP_MS * 1000 / 64
         print(f"\nAt 64 concurrent, 64 events come every {STREAM_GAP_MS} ms: a proxy has ~{budget_us:.0f} µs of its "
               "core per event (the CPU figure includes each stream's start). Above that, events wait and reads "
               "find several.")
+        if splice := _cell(cells, SPLICE, None, 64):
+            print(f"The {SPLICE} only copies bytes between sockets, no HTTP: the least a Python relay can do. "
+                  f"At 64 it read {splice['events_per_read']:.2f} events per read at "
+                  f"{_num(splice['cpu_us_per_event'], 1)} µs per event: what this machine allows any proxy "
+                  "under this load.")
     if cells := results.get("soak"):
         print(f"\n## {results['settings']['soak_streams']} concurrent streams of 10 s\n")
         print("| target | completed (min) | first event p99 ms | peak RSS MiB |")
@@ -269,6 +287,12 @@ def _added(cell: dict[str, Any], direct: dict[str, Any] | None) -> str:
     return "-" if direct is None or cell is direct else f"{cell['p50_ms'] - direct['p50_ms']:+.2f}"
 
 
+def _cpu_per_event(cell: dict[str, Any]) -> str:
+    if math.isnan(cell["cpu_us_per_event"]):
+        return "-"
+    return f"{cell['cpu_us_per_event']:.1f} ({cell['kernel_us_per_event']:.1f})"
+
+
 def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.0%}"
 
@@ -278,8 +302,10 @@ def _num(value: float, digits: int) -> str:
 
 
 @contextmanager
-def _fleet(tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: str | None) -> Iterator[Fleet]:
-    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url)
+def _fleet(
+    tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, *, splice: bool = False,
+) -> Iterator[Fleet]:
+    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice)
     try:
         yield fleet
     finally:
