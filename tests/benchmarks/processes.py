@@ -152,8 +152,8 @@ class Fleet:
 def start_fleet(
     tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None, splice: bool = False,
 ) -> Fleet:
-    """`splice`: also the raw TCP splice, the least a Python relay can do (streams only: it has no
-    figures of its own worth comparing for plain requests)."""
+    """`splice`: also the raw TCP splice, the least a Python relay can do. The streaming part asks
+    for it: it shows whether this machine can relay the streams one event a read at all."""
     fleet = Fleet()
     try:
         _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice)

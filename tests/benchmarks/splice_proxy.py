@@ -53,10 +53,11 @@ class _ClientSide(_Side):
     def __init__(self, upstream: tuple[str, int]) -> None:
         super().__init__()
         self.upstream = upstream
+        self.connecting: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        asyncio.get_running_loop().create_task(self._connect())
+        self.connecting = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         upstream = _Side()
@@ -72,7 +73,8 @@ class _ClientSide(_Side):
             return
         self.other, upstream.other = upstream, self
         upstream.transport.writelines(self.early)
-        self.early = []
+        self.transport.writelines(upstream.early)
+        self.early, upstream.early = [], []
 
 
 async def serve(port: int, upstream: tuple[str, int]) -> None:
