@@ -28,25 +28,30 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport
 
+    @property
+    def other_end(self) -> asyncio.Transport | None:
+        """The other end's transport, while it is connected."""
+        return self.other.transport if self.other is not None else None
+
     def data_received(self, data: bytes) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.write(data)
+        if (other_end := self.other_end) is not None:
+            other_end.write(data)
         else:
             self.early.append(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
+        if (other_end := self.other_end) is not None:
+            other_end.close()
 
     # The other end reads no faster than this end can write.
     def pause_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.pause_reading()
+        if (other_end := self.other_end) is not None:
+            other_end.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.resume_reading()
+        if (other_end := self.other_end) is not None:
+            other_end.resume_reading()
 
 
 class _ClientSide(_Side):
