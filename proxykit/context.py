@@ -36,6 +36,8 @@ class RequestContext:
     tried: list[KeyState] = field(default_factory=list)  # keys this request has used
     skip_deployments: set[str] = field(default_factory=set)  # deployments that failed to connect
     no_upstream: bool = False  # the current attempt found no key to use
+    next_key_in: float | None = None  # then: seconds until the soonest resting key returns
+    key_waits: int = 0  # times this request waited for a resting key
     rate_limited: str | None = None  # "rpm" or "tpm" when a client limit refused the request
     attempt: int = 0
     attempt_started: float = 0.0

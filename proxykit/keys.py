@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import enum
 import heapq
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 
 from proxykit.config import Config, CooldownConfig, Deployment, ModelConfig, UpstreamKey
+from proxykit.durations import number, reset_duration, retry_after
 from proxykit.routing import PRIORITIES, RANK_ON_RELEASE, Priority
 
 Clock = Callable[[], float]
@@ -250,7 +250,7 @@ class KeyPool:
         reason = None
         if outcome == "http_429":
             reason = "429"
-            state.until = now + (_retry_after(headers) or cooldown.on_429)
+            state.until = now + (retry_after(headers) or cooldown.on_429)
         elif outcome == "auth_error":
             reason = "auth_error"
             state.until, state.set_aside = now + cooldown.on_auth_error, True
@@ -320,13 +320,13 @@ class KeyPool:
 def _apply_rate_limit_headers(state: KeyState, headers: Mapping[str, str], now: float) -> str | None:
     """Read the upstream's `x-ratelimit-*` headers, so a key about to run dry is avoided before it 429s."""
     for kind in ("requests", "tokens"):
-        remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+        remaining = number(headers.get(f"x-ratelimit-remaining-{kind}"))
         if remaining is None:
             continue
         if remaining <= 0:
-            state.until = now + (_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0)
+            state.until = now + (reset_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0)
             return "exhausted"
-        limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+        limit = number(headers.get(f"x-ratelimit-limit-{kind}"))
         if limit:
             used_share = max(0.0, 1.0 - remaining / limit)
             if kind == "requests":
@@ -334,44 +334,3 @@ def _apply_rate_limit_headers(state: KeyState, headers: Mapping[str, str], now: 
             else:
                 state.token_tat = max(state.token_tat, now + 60.0 * used_share)
     return None
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    if (ms := _number(headers.get("retry-after-ms"))) is not None:
-        return ms / 1000
-    return _number(headers.get("retry-after"))
-
-
-def _number(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _duration(value: str | None) -> float | None:
-    """OpenAI's reset durations: "1s", "6m0s", "20ms", "1h2m3.5s"; a bare number is seconds."""
-    if value is None:
-        return None
-    if (plain := _number(value)) is not None:
-        return plain
-    total, digits, text = 0.0, "", value.strip()
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char.isdigit() or char == ".":
-            digits += char
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else char
-        if unit not in _UNITS or not digits:
-            return None
-        total += float(digits) * _UNITS[unit]
-        digits, i = "", i + len(unit)
-    return total if not digits else None

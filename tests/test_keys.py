@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from proxykit import KeyPool, config_from_dict
-from proxykit.keys import KeyState, KeyStatus, _duration
+from proxykit.durations import reset_duration
+from proxykit.keys import KeyState, KeyStatus
 
 
 class Clock:
@@ -197,4 +198,4 @@ def test_low_remaining_share_ranks_a_key_behind_fresh_ones() -> None:
     [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("17", 17.0), ("soon", None), ("5x", None)],
 )
 def test_reset_durations(text: str, seconds: float | None) -> None:
-    assert _duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+    assert reset_duration(text) == (pytest.approx(seconds) if seconds is not None else None)

@@ -13,12 +13,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxykit.body import ensure_body, or_answer, replay, wait_unless_disconnected
 from proxykit.config import Config
 from proxykit.context import RequestContext, ensure_context
+from proxykit.durations import retry_after
 from proxykit.headers import set_response_headers
 from proxykit.sends import step_aside
 
 logger = logging.getLogger(__name__)
 
 _HELD_BODY_LIMIT = 64 * 1024  # an error body held while deciding; anything larger is passed on
+_MIN_KEY_WAIT = 0.01  # a key "back in 0 s" that still cannot be chosen must not make a busy loop
+_MAX_KEY_WAITS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +73,7 @@ class _Held:
     size: int = 0
 
     def retry_after(self) -> float | None:
-        value = MutableHeaders(scope=self.start).get("retry-after")
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
+        return retry_after(MutableHeaders(scope=self.start))
 
 
 class _Retry(Exception):
@@ -107,7 +106,8 @@ class RetryMiddleware:
         if body is None:
             return
         held: _Held | None = None
-        for attempt_number in range(self.policy.attempts + 1):
+        attempt_number = 0
+        while attempt_number <= self.policy.attempts:
             ctx.attempt, ctx.no_upstream = attempt_number, False
             attempt = _Attempt(self.policy, ctx, send, after_failure=held is not None)
             try:
@@ -115,23 +115,44 @@ class RetryMiddleware:
             except _Retry:
                 pass
             except _NoKeyLeft:
-                break
+                # Every key rests: wait for the soonest if it returns in time. No upstream was
+                # asked, so the attempt is not spent.
+                if not await self._wait_for_a_key(ctx, receive):
+                    break
+                continue
             if attempt.held is None:
                 return  # answered: the response went to the client
             held = attempt.held  # failed, or broke off while its error body was held
             if ctx.disconnected:
                 return  # a client that left is never retried
             delay = self.policy.delay(attempt_number, held.start["status"], held.retry_after())
-            if time.perf_counter() + delay > ctx.started + self.policy.deadline:
+            if not await self._wait(delay, ctx, receive):
                 break
-            waited_from = time.perf_counter()
-            left = await wait_unless_disconnected(delay, receive, ctx)
-            ctx.backoff_wait += time.perf_counter() - waited_from
-            if left:
-                return
+            attempt_number += 1
+        if ctx.disconnected:
+            return
         assert held is not None
         logger.warning("retries exhausted: %s", ctx.attempts_header())
         await _replay_held(held, send)
+
+    async def _wait_for_a_key(self, ctx: RequestContext, receive: Receive) -> bool:
+        """Waits for the soonest resting key when it returns within `max_delay` and the deadline;
+        False when it does not (or the client left)."""
+        wait = ctx.next_key_in
+        ctx.key_waits += 1
+        if wait is None or wait > self.policy.max_delay or ctx.key_waits > _MAX_KEY_WAITS:
+            return False
+        return await self._wait(max(wait, _MIN_KEY_WAIT), ctx, receive)
+
+    async def _wait(self, delay: float, ctx: RequestContext, receive: Receive) -> bool:
+        """Waits `delay` seconds before another attempt; False when that would pass the deadline
+        or the client left meanwhile."""
+        if time.perf_counter() + delay > ctx.started + self.policy.deadline:
+            return False
+        waited_from = time.perf_counter()
+        left = await wait_unless_disconnected(delay, receive, ctx)
+        ctx.backoff_wait += time.perf_counter() - waited_from
+        return not left
 
 
 class _Attempt:

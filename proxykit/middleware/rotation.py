@@ -64,7 +64,7 @@ class KeyRotationMiddleware:
         if ctx.disconnected:
             return
         if state is None:
-            ctx.no_upstream = True
+            ctx.no_upstream, ctx.next_key_in = True, self._soonest_return(model)
             await send_error(_no_upstream(self.pool.why_none(model.name)), scope, receive, send)
             return
         ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
@@ -83,12 +83,25 @@ class KeyRotationMiddleware:
             self.pool.release(state)
 
     def _choose(self, model: ModelConfig, ctx: RequestContext) -> KeyState | None:
-        for name in (model.name, *model.fallbacks):
-            state = self.pool.choose(name, exclude=ctx.tried, skip_deployments=ctx.skip_deployments)
-            if state is not None:
-                ctx.served_by = name
-                return state
+        """Keys this request has not tried come first, then tried ones that are still available
+        (the retry layer has backed off meanwhile); deployments that failed to connect are skipped
+        only while another deployment has a key."""
+        names = (model.name, *model.fallbacks)
+        passes: list[tuple[list[KeyState], set[str]]] = [(ctx.tried, ctx.skip_deployments)]
+        if ctx.tried:
+            passes.append(([], ctx.skip_deployments))
+        if ctx.skip_deployments:
+            passes += [(ctx.tried, set()), ([], set())]
+        for exclude, skip in passes:
+            for name in names:
+                state = self.pool.choose(name, exclude=exclude, skip_deployments=skip)
+                if state is not None:
+                    ctx.served_by = name
+                    return state
         return None
+
+    def _soonest_return(self, model: ModelConfig) -> float:
+        return min(self.pool.why_none(name).retry_after for name in (model.name, *model.fallbacks))
 
     async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> ModelConfig:
         await ensure_payload(scope, receive, self.max_body_bytes)
