@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from starlette.types import Scope
 
 
@@ -12,3 +14,16 @@ def route_path(scope: Scope) -> str:
     if root_path and path.startswith(root_path):
         return path[len(root_path):] or "/"
     return path
+
+
+def leaves_its_base(path: str) -> bool:
+    """Whether `path` holds a dot segment (`.` or `..`), also once more percent-decoded and with
+    backslashes read as slashes, as some upstream servers read them. The ASGI `path` is decoded
+    already, so `%2e%2e` and `..%2f` arrive here as `..`."""
+    if "." not in path and "%" not in path:
+        return False
+    for candidate in (path, unquote(path)):
+        for segment in candidate.replace("\\", "/").split("/"):
+            if segment in (".", ".."):
+                return True
+    return False

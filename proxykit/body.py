@@ -80,6 +80,8 @@ def parse_payload(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return payload

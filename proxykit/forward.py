@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from proxykit._utils import route_path
+from proxykit._utils import leaves_its_base, route_path
 from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
+from proxykit.errors import InvalidRequest, NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
 from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
@@ -61,6 +61,8 @@ class Forwarder:
                 ctx.key = None
 
     async def _prepare(self, scope: Scope, receive: Receive, ctx: RequestContext, choose: bool) -> _UpstreamRequest:
+        if leaves_its_base(route_path(scope)):  # the upstream key must never reach a path outside base_url
+            raise InvalidRequest("the request path may not contain dot segments (. or ..)")
         if choose:
             self._choose(await self._model(scope, receive, ctx), ctx)
         return self._upstream_request(scope, ctx)
@@ -89,13 +91,16 @@ class Forwarder:
         path = route_path(scope)
         if (
             self.count_usage and payload.get("stream") is True and path in _STREAM_USAGE_ON_REQUEST
-            and not _asks_for_usage(payload)
+            and _may_ask_for_usage(payload)
         ):
             # Streams carry usage only when asked; proxykit asks, and removes the extra event again.
             changes["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             ctx.injected_usage = True
         if changes:
-            body = _with_members(body, payload, changes)
+            try:
+                body = _with_members(body, payload, changes)
+            except RecursionError:  # parsed just under the interpreter's limit, too deep to write again
+                raise InvalidRequest("the request body is nested too deeply") from None
         headers = upstream_headers(scope["headers"])
         if ctx.injected_usage:
             # The extra usage event can be taken out of a stream proxykit can read: not compressed.
@@ -270,9 +275,11 @@ def _with_members(body: bytes, payload: dict[str, Any], changes: dict[str, Any])
     return json.dumps({**payload, **changes}).encode()
 
 
-def _asks_for_usage(payload: dict[str, Any]) -> bool:
+def _may_ask_for_usage(payload: dict[str, Any]) -> bool:
+    """The client did not ask for usage itself, and its `stream_options` (if any) is an object
+    proxykit can add to; any other value is the upstream's to refuse, passed on untouched."""
     options = payload.get("stream_options")
-    return isinstance(options, dict) and bool(options.get("include_usage"))
+    return options is None or (isinstance(options, dict) and not options.get("include_usage"))
 
 
 def _outcome(status: int) -> str:

@@ -121,7 +121,7 @@ def _usage_only(event: bytes) -> dict[str, Any] | None:
         return None
     try:
         payload = json.loads(event[5:])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(payload, dict) or payload.get("choices") != []:
         return None
@@ -147,7 +147,7 @@ def _trailing_usage(body: bytes) -> Any:
             return None
         value = after_key[1:].lstrip()
         usage, end = _DECODER.raw_decode(value)
-    except ValueError:  # UnicodeDecodeError is one
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return usage if value[end:].strip() == "}" else None
 
@@ -155,7 +155,7 @@ def _trailing_usage(body: bytes) -> Any:
 def _usage_of(data: bytes) -> dict[str, Any] | None:
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(payload, dict):
         return None

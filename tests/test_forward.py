@@ -86,7 +86,8 @@ async def test_upstream_error_passes_through_as_it_came(status: int, calls: int)
         response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == status
     assert response.content == error
-    assert len(route.calls) == calls  # a 500 is retried on both keys, 1 + retry.attempts in all; a 4xx is the client's fault
+    # A 500 is retried on both keys, 1 + retry.attempts calls in all; a 4xx is the client's fault.
+    assert len(route.calls) == calls
     assert (response.headers.get("x-should-retry") == "false") is (calls > 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
@@ -11,6 +12,9 @@ from proxykit.config import Pricing
 from proxykit.context import RequestContext, ensure_context
 from proxykit.metrics import Change, Observation, ProxyMetrics
 from proxykit.sends import step_aside
+from proxykit.tokens import prompt_estimate, token_count
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsMiddleware:
@@ -55,7 +59,11 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         finally:
-            self._record(ctx, counted_as, 499 if ctx.disconnected else status, first_byte_at)
+            try:
+                self._record(ctx, counted_as, 499 if ctx.disconnected else status, first_byte_at)
+            except Exception:  # a bug: the request still leaves the in-flight gauge
+                logger.exception("request %s could not be counted", ctx.request_id)
+                metrics.add(metrics.in_flight, (counted_as,), -1.0)
 
     def _record(self, ctx: RequestContext, counted_as: str, status: int, first_byte_at: float | None) -> None:
         metrics, model, client = self.metrics, ctx.model, ctx.client
@@ -86,12 +94,12 @@ class MetricsMiddleware:
         if usage is None and ctx.disconnected and ctx.sent_events:
             # A stream the client abandoned never got its usage event: count what was sent, one
             # token an event, and the prompt at ~4 bytes a token.
-            usage = {"prompt_tokens": len(ctx.body or b"") // 4, "completion_tokens": ctx.sent_events}
+            usage = {"prompt_tokens": prompt_estimate(ctx.body or b""), "completion_tokens": ctx.sent_events}
         if not usage:
             return
-        prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
         details = usage.get("completion_tokens_details")
-        reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+        reasoning = token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
         metrics, model, client = self.metrics, ctx.model, ctx.client
         for kind, count in (("prompt", prompt), ("completion", completion), ("reasoning", reasoning)):
             if count:
@@ -101,6 +109,3 @@ class MetricsMiddleware:
             cost = prompt * pricing.input_per_1m / 1e6 + completion * pricing.output_per_1m / 1e6
             counts.append((metrics.cost, (model, client), cost))
 
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and value > 0 else 0

@@ -16,6 +16,7 @@ from proxykit.errors import RateLimitExceeded
 from proxykit.headers import set_response_headers
 from proxykit.ratelimit import Admission, RateLimiter
 from proxykit.sends import step_aside
+from proxykit.tokens import MAX_TOKENS, prompt_estimate, token_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,20 +113,19 @@ class RateLimitMiddleware:
 def _estimate(ctx: RequestContext, body: bytes) -> int:
     payload = ctx.payload or {}
     for name in ("max_completion_tokens", "max_tokens"):
-        if isinstance(payload.get(name), int) and payload[name] > 0:
-            return len(body) // 4 + int(payload[name])
-    return len(body) // 4 + 1
+        if isinstance(value := payload.get(name), int) and value > 0:
+            return prompt_estimate(body) + min(value, MAX_TOKENS)  # 400 digits must not overflow a float
+    return prompt_estimate(body) + 1
 
 
 def _tokens_used(ctx: RequestContext, estimate: int) -> int:
     usage = ctx.usage
     if usage:
-        total = usage.get("total_tokens")
-        if isinstance(total, int):
+        if total := token_count(usage.get("total_tokens")):
             return total
-        return sum(value for key in ("prompt_tokens", "completion_tokens") if isinstance(value := usage.get(key), int))
+        return token_count(usage.get("prompt_tokens")) + token_count(usage.get("completion_tokens"))
     if ctx.disconnected and ctx.sent_events:
-        return len(ctx.body or b"") // 4 + ctx.sent_events  # what the abandoned stream used
+        return prompt_estimate(ctx.body or b"") + ctx.sent_events  # what the abandoned stream used
     if ctx.outcome != "ok":
         return 0  # no upstream answer worth tokens
     return estimate  # an upstream that reports no usage: keep the reservation

@@ -49,7 +49,8 @@ class EveryOther:
         await read_body(receive)
         self.calls += 1
         status = next(self.flip)
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b'{"status": %d}' % status})
 
 
