@@ -61,6 +61,8 @@ class Deployment:
     weight: float = 1.0
     max_tokens: int | None = None
     keys_file: str | None = None  # set when the keys came from `file:PATH`
+    proxy: str | None = field(default=None, repr=False)  # egress proxy URL (may carry a password);
+    # "none" = direct; None = the HTTPS_PROXY / HTTP_PROXY / NO_PROXY environment
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from proxykit.config import (
     UpstreamKey,
 )
 from proxykit.config_fields import FieldReader
+from proxykit.egress import DIRECT, parse_proxy
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -138,7 +139,7 @@ class _Reader(FieldReader):
             self.fail(f"{model_path}.deployments", "must be a non-empty list")
             return ()
         result = []
-        allowed = ("base_url", "name", "model", "api_keys", "rpm", "tpm", "weight", "max_tokens")
+        allowed = ("base_url", "name", "model", "api_keys", "rpm", "tpm", "weight", "max_tokens", "proxy")
         for j, item in enumerate(raw):
             path = f"{model_path}.deployments[{j}]"
             entry = self.mapping(item, path, allowed)
@@ -152,6 +153,7 @@ class _Reader(FieldReader):
                 for key in ("rpm", "tpm", "max_tokens") if entry.get(key) is not None
             }
             weight = self.number(entry.get("weight", 1.0), f"{path}.weight", float)
+            proxy = self.proxy(entry.get("proxy"), f"{path}.proxy")
             result.append(Deployment(
                 name=name,
                 base_url=(base_url or "").rstrip("/"),
@@ -159,9 +161,24 @@ class _Reader(FieldReader):
                 api_keys=keys,
                 weight=1.0 if weight is None else weight,
                 keys_file=keys_file,
+                proxy=proxy,
                 **optional,
             ))
         return tuple(result)
+
+    def proxy(self, raw: Any, path: str) -> str | None:
+        """A deployment's egress proxy: an http:// URL, or `none` for a direct connection."""
+        value = self.string(raw, path)
+        if value is None:
+            return None
+        value = value.strip()
+        if value.lower() == DIRECT:
+            return DIRECT
+        try:
+            parse_proxy(value)
+        except ValueError as exc:
+            self.fail(path, str(exc))
+        return value
 
     def api_keys(self, raw: Any, path: str, deployment: str) -> tuple[tuple[UpstreamKey, ...], str | None]:
         """A YAML list, a "k1,k2" string, or "file:PATH" with one key a line; none for a keyless upstream."""

@@ -11,6 +11,7 @@ ProxyError
  ├── RateLimitExceeded         429 rate_limit_exceeded
  ├── InternalError             500 internal_error
  ├── UpstreamError             502 upstream_error
+ │    └── UpstreamBadResponse  502 upstream_error (an answer that is not HTTP: counts as a 5xx)
  ├── NoUpstreamAvailable       503 no_upstream_available
  └── UpstreamTimeout           504 upstream_timeout
 """
@@ -25,6 +26,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from proxykit.context import ensure_context
+from proxykit.http1 import MalformedResponse
 
 
 class ProxyError(Exception):
@@ -83,6 +85,10 @@ class UpstreamError(ProxyError):
     status, error_type, code, outcome = 502, "upstream_error", "upstream_error", "connect_error"
 
 
+class UpstreamBadResponse(UpstreamError):
+    outcome = "http_5xx"  # the upstream answered, badly: that attempt failed, not its connection
+
+
 class NoUpstreamAvailable(ProxyError):
     status, error_type, code = 503, "service_unavailable", "no_upstream_available"
 
@@ -97,6 +103,7 @@ HTTPX_ERRORS: Final[tuple[tuple[type[httpx.HTTPError], type[ProxyError], str], .
     (httpx.ConnectTimeout, UpstreamError, "the upstream could not be reached in time"),
     (httpx.ConnectError, UpstreamError, "the upstream could not be reached"),
     (httpx.TimeoutException, UpstreamTimeout, "the upstream did not answer in time"),
+    (MalformedResponse, UpstreamBadResponse, "the upstream's answer was not valid HTTP"),
     (httpx.RemoteProtocolError, UpstreamError, "the upstream broke the connection"),
     (httpx.TransportError, UpstreamError, "the upstream connection failed"),
     (httpx.HTTPError, UpstreamError, "the upstream request failed"),

@@ -11,9 +11,11 @@ multidicts, URL objects, trace hooks, a timer per read). The benchmark's floor p
 ~3x the requests per second when it sends through this client instead of aiohttp. httptools is
 uvicorn's parser and already a dependency: it does the framing (lengths, chunked, keep-alive).
 
-What it does not do, because an LLM gateway's upstreams do not need it: HTTP/2, proxies,
-redirects, cookies, decompression (bodies pass as raw bytes). Errors are httpx's, and their
-messages never name the upstream.
+It carries the duties a library would: response headers bounded (`MAX_HEAD_BYTES`), idle
+connections closed on a timer, egress proxies (`proxykit.egress`), TLS verified. What it does
+not do, because an LLM gateway's upstreams do not need it: HTTP/2, redirects, cookies,
+decompression (bodies pass as raw bytes). Errors are httpx's, and their messages never name
+the upstream.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from urllib.parse import quote, urlsplit
 import httptools
 import httpx
 
+from proxykit.egress import Proxy, ProxyRules, open_tunnel
+
 RawHeaders = list[tuple[bytes, bytes]]
 
 # A response read ahead of a slow client stops being read from the socket above this many
@@ -39,6 +43,14 @@ RESUME_BELOW: Final = 64 * 1024
 # of the answer: only these methods, as aiohttp and urllib3 do. A POST may have been acted on.
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _CHUNKED: Final = b"transfer-encoding: chunked"
+# An answer whose status line and headers are larger than this is refused: a hostile upstream
+# must not make proxykit hold megabytes of headers. Real ones send a few KiB.
+MAX_HEAD_BYTES: Final = 64 * 1024
+
+
+class MalformedResponse(httpx.RemoteProtocolError):
+    """The upstream answered, but not with a usable HTTP/1.1 response: a failure of that attempt
+    (like a 5xx), not of the connection (which would skip the whole deployment)."""
 
 
 class Origin(NamedTuple):
@@ -51,6 +63,9 @@ class _Target(NamedTuple):
     origin: Origin
     request_target: bytes  # path and query, percent-encoded
     host_header: bytes
+
+
+Route = tuple[Origin, Proxy | None]  # what a pooled connection is connected to
 
 
 class _StaleConnection(Exception):
@@ -208,9 +223,9 @@ def _closed_before_answering() -> httpx.RemoteProtocolError:
 class _Connection(asyncio.Protocol):
     """One socket to an upstream, serving one response at a time."""
 
-    def __init__(self, client: Http1Client, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, client: Http1Client, route: Route, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
-        self.origin = origin
+        self.route = route
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.response: Http1Response | None = None
@@ -220,11 +235,13 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.reading_paused = False
         self._informational = False  # inside a 1xx answer, which another answer follows
+        self._head_bytes = 0  # of the answer in progress, until its headers are complete
         self._drained: asyncio.Future[None] | None = None
 
     def send(self, head: bytes, body: bytes, *, head_request: bool) -> Http1Response:
         assert self.transport is not None
         self.response = response = Http1Response(self, head_request=head_request)
+        self._head_bytes = 0
         # One write, one system call: copying a body of a few KB costs less than a second call.
         if len(body) <= 65536:
             self.transport.write(head + body)
@@ -235,6 +252,7 @@ class _Connection(asyncio.Protocol):
     async def send_streamed(self, head: bytes, body: AsyncIterable[bytes], *, head_request: bool) -> Http1Response:
         assert self.transport is not None
         self.response = response = Http1Response(self, head_request=head_request)
+        self._head_bytes = 0
         self.transport.write(head)
         async for part in body:
             if part:
@@ -279,9 +297,16 @@ class _Connection(asyncio.Protocol):
         response._last_read_at = self.loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            response._fail(httpx.RemoteProtocolError("the upstream's answer is not valid HTTP/1.1"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # a 101 switches protocols
+            response._fail(MalformedResponse("the upstream's answer is not valid HTTP/1.1"))
             self.close()
+            return
+        if not response._started:
+            # Counted after parsing: the read that completes the headers may carry body bytes too.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                response._fail(MalformedResponse(f"the upstream's headers are larger than {MAX_HEAD_BYTES} bytes"))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -317,6 +342,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self.response is not None
         status = self._parser.get_status_code()
+        if status == 101:
+            raise MalformedResponse("the upstream switched protocols")  # ends the parse: see data_received
         # A 1xx (100 Continue, 103 Early Hints) is followed by the real answer on the same stream.
         self._informational = 100 <= status < 200
         if not self._informational:
@@ -335,22 +362,27 @@ class _Connection(asyncio.Protocol):
 
 
 class Http1Client:
-    """Keep-alive connection pools, one per origin, at most `max_connections` open in all.
+    """Keep-alive connection pools, one per origin (and egress proxy), at most `max_connections`
+    open in all.
 
     `open()` is `proxykit.upstream.Upstream`: what the forwarder calls. Idle connections are
-    reused most recent first (the warmest), and closed once idle for `keepalive_expiry` seconds.
+    reused most recent first (the warmest), and closed by a timer once idle for
+    `keepalive_expiry` seconds.
     """
 
     def __init__(
         self, *, max_connections: int = 1000, keepalive_expiry: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+        proxies: ProxyRules | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
-        self._idle: dict[Origin, collections.deque[_Connection]] = {}
+        self._proxies = proxies if proxies is not None and proxies.active else None
+        self._idle: dict[Route, collections.deque[_Connection]] = {}
         self._connections: set[_Connection] = set()  # open or opening
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None  # the one every connection belongs to
+        self._expiry_timer: asyncio.TimerHandle | None = None
 
     @property
     def open_connections(self) -> int:
@@ -364,14 +396,17 @@ class Http1Client:
         `host` nor framing (`content-length`, `transfer-encoding`): the client sets those."""
         self._check_loop()
         target = _target(url)
+        origin = target.origin
+        proxy = self._proxies.proxy_for(origin.scheme, origin.host, url) if self._proxies is not None else None
+        route = (origin, proxy)
         streamed = not isinstance(body, bytes)
         framing = _CHUNKED if streamed else b"content-length: %d" % len(body)  # type: ignore[arg-type]
-        head = _head(method, target, headers, framing)
+        head = _head(method, target, headers, framing, proxy if origin.scheme == "http" else None)
         head_request = method == "HEAD"
         while True:
-            connection = self._idle_connection(target.origin)
+            connection = self._idle_connection(route)
             if connection is None:
-                connection = await self._connect(target.origin, timeouts)
+                connection = await self._connect(route, timeouts)
             try:
                 if streamed:
                     response = await connection.send_streamed(head, body, head_request=head_request)  # type: ignore[arg-type]
@@ -399,10 +434,11 @@ class Http1Client:
             self._idle.clear()
             self._connections.clear()
             self._slot_waiters.clear()
+            self._expiry_timer = None
             self._loop = loop
 
-    def _idle_connection(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
+    def _idle_connection(self, route: Route) -> _Connection | None:
+        idle = self._idle.get(route)
         while idle:
             connection = idle.pop()
             if not connection.closed and not connection.transport.is_closing():  # type: ignore[union-attr]
@@ -411,20 +447,19 @@ class Http1Client:
                 connection.close()
         return None
 
-    async def _connect(self, origin: Origin, timeouts: Mapping[str, float | None]) -> _Connection:
+    async def _connect(self, route: Route, timeouts: Mapping[str, float | None]) -> _Connection:
         loop = self._loop  # set by `_check_loop()` for this request
         assert loop is not None
         while len(self._connections) >= self.max_connections:
             if not self._close_one_idle():
                 await self._wait_for_slot(loop, timeouts.get("pool"))
-                if (connection := self._idle_connection(origin)) is not None:
+                if (connection := self._idle_connection(route)) is not None:
                     return connection
-        connection = _Connection(self, origin, loop)
+        connection = _Connection(self, route, loop)
         self._connections.add(connection)
-        ssl_context = self._ssl() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(timeouts.get("connect")):
-                await loop.create_connection(lambda: connection, origin.host, origin.port, ssl=ssl_context)
+                await self._open_socket(loop, connection)
         except BaseException as exc:
             connection.close()
             if isinstance(exc, TimeoutError):
@@ -434,17 +469,37 @@ class Http1Client:
             raise
         return connection
 
+    async def _open_socket(self, loop: asyncio.AbstractEventLoop, connection: _Connection) -> None:
+        origin, proxy = connection.route
+        tls = self._ssl() if origin.scheme == "https" else None
+        if proxy is None:
+            await loop.create_connection(lambda: connection, origin.host, origin.port, ssl=tls)
+        elif tls is None:  # plain HTTP goes to the proxy, which forwards it (absolute-form target)
+            await loop.create_connection(lambda: connection, proxy.host, proxy.port)
+        else:  # HTTPS goes through a CONNECT tunnel, and TLS runs end to end inside it
+            tunnel = await open_tunnel(loop, proxy, origin.host, origin.port)
+            try:
+                transport = await loop.start_tls(tunnel, connection, tls, server_hostname=origin.host)
+            except BaseException:
+                tunnel.close()
+                raise
+            assert transport is not None
+            connection.connection_made(transport)
+
     async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
         waiter = loop.create_future()
         self._slot_waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
                 await waiter
-        except TimeoutError:
-            raise httpx.PoolTimeout("every upstream connection stayed busy") from None
-        finally:
+        except BaseException as exc:
             if not waiter.done():
                 self._slot_waiters.remove(waiter)
+            elif not waiter.cancelled():
+                self._wake_slot_waiter()  # woken, then cancelled or timed out: the slot goes to the next
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout("every upstream connection stayed busy") from None
+            raise
 
     def _close_one_idle(self) -> bool:
         for idle in self._idle.values():
@@ -457,21 +512,38 @@ class Http1Client:
 
     def _ssl(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()  # system CAs, hostname checked
+            self._ssl_context = ssl.create_default_context()  # system CAs (SSL_CERT_FILE too), hostname checked
         return self._ssl_context
 
     def give_back(self, connection: _Connection) -> None:
         """A connection whose answer was read whole: idle until the next request to its origin."""
         if connection.closed:
             return
-        now = connection.idle_since = connection.loop.time()
-        idle = self._idle.get(connection.origin)
+        connection.idle_since = connection.loop.time()
+        idle = self._idle.get(connection.route)
         if idle is None:
-            idle = self._idle[connection.origin] = collections.deque()
+            idle = self._idle[connection.route] = collections.deque()
         idle.append(connection)
-        while idle and now - idle[0].idle_since >= self.keepalive_expiry:  # the oldest go first
-            idle.popleft().close()
+        if self._expiry_timer is None:
+            self._expiry_timer = connection.loop.call_later(self.keepalive_expiry, self._expire_idle)
         self._wake_slot_waiter()
+
+    def _expire_idle(self) -> None:
+        """Closes connections idle for `keepalive_expiry`, and comes back when the next one will be.
+        Each deque holds the oldest on the left."""
+        self._expiry_timer = None
+        if self._loop is None:
+            return
+        now = self._loop.time()
+        soonest = None
+        for idle in self._idle.values():
+            while idle and (idle[0].closed or now - idle[0].idle_since >= self.keepalive_expiry):
+                idle.popleft().close()
+            if idle:
+                due = idle[0].idle_since + self.keepalive_expiry
+                soonest = due if soonest is None else min(soonest, due)
+        if soonest is not None:
+            self._expiry_timer = self._loop.call_at(soonest, self._expire_idle)
 
     def forget(self, connection: _Connection) -> None:
         """A connection closed, by either side."""
@@ -486,6 +558,9 @@ class Http1Client:
                 return
 
     async def aclose(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         for connection in list(self._connections):
             connection.close()
         self._idle.clear()
@@ -515,9 +590,14 @@ def _target(url: str) -> _Target:
     return _Target(Origin(parts.scheme, host, port), request_target.encode("ascii"), host_header.encode("idna"))
 
 
-def _head(method: str, target: _Target, headers: RawHeaders, framing: bytes) -> bytes:
-    lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), target.request_target), b"host: " + target.host_header]
+def _head(method: str, target: _Target, headers: RawHeaders, framing: bytes, proxy: Proxy | None = None) -> bytes:
+    request_target = target.request_target
+    if proxy is not None:  # an HTTP proxy is asked for the absolute URL (RFC 9112 section 3.2.2)
+        request_target = b"http://" + target.host_header + request_target
+    lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), request_target), b"host: " + target.host_header]
     lines += [name + b": " + value for name, value in headers]
+    if proxy is not None and proxy.authorization is not None:
+        lines.append(b"proxy-authorization: " + proxy.authorization)
     lines.append(framing)
     head = b"\r\n".join(lines) + b"\r\n\r\n"
     # One line break per line and no other: a header value holding one would smuggle a header.

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -16,6 +17,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from proxykit.config import Config
+from proxykit.egress import ProxyRules
 from proxykit.keys import KeyPool, KeyState
 from proxykit.metrics import ProxyMetrics
 from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
@@ -47,7 +49,7 @@ class Resources:
         self.state = ResourceState.UNOPENED
         # One connection pool: the forwarder sends through the transport directly, the client
         # (probes, and anyone embedding proxykit) wraps the same transport.
-        self.transport = transport or Http1Transport(max_connections=4096)
+        self.transport = transport or Http1Transport(max_connections=4096, proxies=proxy_rules(config, os.environ))
         self.upstream = upstream_for(self.transport)
         timeouts = config.timeouts
         # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the
@@ -141,3 +143,12 @@ class Resources:
             yield
         finally:
             await self.aclose()
+
+
+def proxy_rules(config: Config, environ: Mapping[str, str]) -> ProxyRules:
+    """The environment's proxies, and each deployment's own `proxy` where it names one."""
+    own = {
+        deployment.base_url: deployment.proxy
+        for model in config.models for deployment in model.deployments if deployment.proxy is not None
+    }
+    return ProxyRules.from_environment(environ, own)

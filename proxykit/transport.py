@@ -20,6 +20,7 @@ import aiohttp
 import httpx
 import yarl
 
+from proxykit.egress import ProxyRules
 from proxykit.http1 import Http1Client, Http1Response
 
 # aiohttp's errors as httpx's, most specific first (ConnectionTimeoutError is a ServerTimeoutError,
@@ -116,9 +117,11 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     def __init__(
         self, *, max_connections: int = 1000, keepalive_expiry: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+        proxies: ProxyRules | None = None,
     ) -> None:
         self.client = Http1Client(
             max_connections=max_connections, keepalive_expiry=keepalive_expiry, ssl_context=ssl_context,
+            proxies=proxies,
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
