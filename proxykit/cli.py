@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -24,6 +25,7 @@ from proxykit.config_reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
 from proxykit.logs import configure_logging
 from proxykit.metrics import MULTIPROCESS_ENV
+from proxykit.serving import DrainingServer, ServerLimits, drain_on_exit_signals
 
 logger = logging.getLogger("proxykit")
 
@@ -53,6 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--workers", type=int, default=1)
     serve_parser.add_argument("--log-level", default="info",
                               choices=["critical", "error", "warning", "info", "debug"])
+    limits = ServerLimits()
+    serve_parser.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes, metavar="N",
+                              help="request line and headers larger than this get 431 (default: %(default)s)")
+    serve_parser.add_argument("--max-headers", type=int, default=limits.max_headers, metavar="N",
+                              help="requests with more headers get 431 (default: %(default)s)")
+    serve_parser.add_argument("--header-timeout", type=float, default=limits.header_timeout, metavar="S",
+                              help="seconds for a request's headers to arrive, else 408 (default: %(default)s)")
+    serve_parser.add_argument("--body-timeout", type=float, default=limits.body_timeout, metavar="S",
+                              help="seconds a request body may pause, else 408 (default: %(default)s)")
+    serve_parser.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
+                              help="connections and requests at once per worker; more get 503 (default: no limit)")
+    serve_parser.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
+                              help="seconds an idle client connection stays open (default: %(default)s)")
+    serve_parser.add_argument("--timeout-graceful-shutdown", type=float, default=30.0, metavar="S",
+                              help="on SIGTERM, seconds for requests and streams in flight to finish "
+                                   "(default: %(default)s)")
     check_parser = commands.add_parser("check", help="validate a config and summarise it")
     check_parser.add_argument("file")
     return parser
@@ -92,7 +110,7 @@ def summary(config: Config) -> str:
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.demo:
-        asyncio.run(_serve_demo(args.host, args.port, args.log_level))
+        asyncio.run(_serve_demo(args))
         return 0
     path = args.config or os.environ.get(CONFIG_ENV)
     if not path:
@@ -110,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     if hasattr(signal, "SIGHUP"):  # re-read `file:` key lists without a restart
         signal.signal(signal.SIGHUP, lambda signum, frame: app.state.resources.request_reload())
-    server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
+    server = DrainingServer(_uvicorn_config(app, args))
     _tune_garbage_collector()
     server.run()
     return 0
@@ -136,9 +154,7 @@ def _serve_workers(path: str, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="proxykit-metrics-") as metrics_dir:
         os.environ.setdefault(MULTIPROCESS_ENV, metrics_dir)
         uvicorn.run(
-            "proxykit.cli:app_from_environment", factory=True, host=args.host, port=args.port,
-            workers=args.workers, log_level=args.log_level, access_log=False, proxy_headers=False,
-            server_header=False,
+            "proxykit.cli:app_from_environment", factory=True, workers=args.workers, **_server_options(args),
         )
 
 
@@ -146,6 +162,7 @@ def app_from_environment() -> Starlette:
     """The app of one `--workers N` process, from the config file named by $PROXYKIT_CONFIG."""
     configure_logging(os.environ.get("PROXYKIT_LOG_LEVEL", "info"))
     app = create_app(os.environ[CONFIG_ENV])
+    drain_on_exit_signals(app)  # uvicorn made this worker's server: its signal handlers are wrapped
     _tune_garbage_collector()
     return app
 
@@ -160,14 +177,15 @@ def warn_if_open(config: Config, host: str) -> bool:
     return True
 
 
-async def _serve_demo(host: str, port: int, log_level: str) -> None:
+async def _serve_demo(args: argparse.Namespace) -> None:
+    host, port = args.host, args.port
     # The demo upstream listens on a free loopback port, in this same process and event loop.
     upstream_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     upstream_socket.bind(("127.0.0.1", 0))
     upstream_port = upstream_socket.getsockname()[1]
     config = config_from_dict(demo_config(f"http://127.0.0.1:{upstream_port}/v1"))
     upstream = uvicorn.Server(uvicorn.Config(DemoUpstream(), log_level="warning", access_log=False, lifespan="off"))
-    proxy = uvicorn.Server(_uvicorn_config(create_app(config), host, port, log_level))
+    proxy = DrainingServer(_uvicorn_config(create_app(config), args))
     url = f"http://{host}:{port}"
     body = '{"model": "demo-chat", "stream": true, "messages": [{"role": "user", "content": "Hello"}]}'
     print(
@@ -183,14 +201,25 @@ async def _serve_demo(host: str, port: int, log_level: str) -> None:
         await upstream_task
 
 
-def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(app: Starlette, args: argparse.Namespace) -> uvicorn.Config:
+    return uvicorn.Config(app, **_server_options(args))
+
+
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
     # proxykit writes its own access line (with model, client and key alias), so uvicorn's is off.
     # It reads neither the client address nor the scheme, so uvicorn need not rewrite them from
     # X-Forwarded-* on every request (the headers still go upstream as sent). No `server: uvicorn`
     # on every response either.
-    return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False, server_header=False,
+    limits = ServerLimits(
+        max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
     )
+    return {
+        "host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
+        "proxy_headers": False, "server_header": False, "http": limits.protocol(), "ws": "none",
+        "limit_concurrency": args.limit_concurrency, "timeout_keep_alive": args.timeout_keep_alive,
+        "timeout_graceful_shutdown": args.timeout_graceful_shutdown,
+    }
 
 
 def _print_problems(path: str, exc: ConfigError) -> None:

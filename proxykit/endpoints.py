@@ -12,7 +12,7 @@ from proxykit.config import ModelConfig
 from proxykit.context import ensure_context
 from proxykit.errors import ModelNotFound
 from proxykit.keys import KeyStatus
-from proxykit.resources import Resources
+from proxykit.resources import Resources, ResourceState
 from proxykit.routing import is_model_allowed
 
 
@@ -29,9 +29,14 @@ class Endpoints:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """Per model and deployment: how many keys are available, resting and set aside, and when
+        """503 only for this process's own state: not open, or draining after SIGTERM. One dead
+        upstream never makes it 503, which would take every replica out at once. The body shows,
+        per model and deployment, how many keys are available, resting and set aside, and when
         the next one returns. Aliases only, never a key."""
-        pool = self.resources.keys
+        resources = self.resources
+        if not resources.draining and resources.state is not ResourceState.CLOSED:
+            await resources.ensure_open()  # a host that does not run the lifespan opens here
+        pool = resources.keys
         now = pool.clock()
         models: dict[str, Any] = {}
         for name, model_keys in pool.models.items():
@@ -49,9 +54,13 @@ class Endpoints:
                         entry["next_return_s"] = wait
             usable = any(entry["available"] for entry in deployments.values())
             models[name] = {"ready": usable, "deployments": deployments}
-        ready = all(model["ready"] for model in models.values())
-        return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
-                            status_code=200 if ready else 503)
+        if resources.draining:
+            readiness = "draining"
+        elif resources.state is not ResourceState.OPENED:
+            readiness = "not_open"
+        else:
+            readiness = "ok"
+        return JSONResponse({"status": readiness, "models": models}, status_code=200 if readiness == "ok" else 503)
 
     async def metrics(self, request: Request) -> Response:
         assert self.resources.metrics is not None, "the route exists only when metrics are on"

@@ -47,6 +47,7 @@ class Resources:
         self.config = config
         self.keys = KeyPool(config)
         self.state = ResourceState.UNOPENED
+        self.draining = False  # set on SIGTERM by `proxykit serve`: readiness answers 503 from then on
         # One connection pool: the forwarder sends through the transport directly, the client
         # (probes, and anyone embedding proxykit) wraps the same transport.
         self.transport = transport or Http1Transport(max_connections=4096, proxies=proxy_rules(config, os.environ))

@@ -11,10 +11,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from typing import Any, Final
 
-_MAX_JSON_BODY: Final = 4 * 1024 * 1024  # a plain body larger than this is not parsed for usage
+logger = logging.getLogger(__name__)
+
+# What counting usage may hold per request, whatever the upstream sends. Past a cap the reader
+# stops counting (never relaying): the request is then counted by the estimate.
+MAX_JSON_BODY: Final = 1024 * 1024  # a plain body: kept whole up to this, then only its tail
+JSON_TAIL: Final = 64 * 1024  # the tail of a larger body, where OpenAI-style bodies put `usage`
+MAX_LINE: Final = 1024 * 1024  # an unfinished event-stream line (a Responses API `response.completed` is long)
+MAX_INFLATED: Final = 64 * 1024 * 1024  # all a compressed body may inflate to while it is read
+_INFLATE_STEP: Final = 64 * 1024  # inflated in pieces of this size: a small input may inflate hugely
 USAGE_KEY: Final = b'"usage"'
 
 
@@ -22,26 +31,55 @@ class UsageReader:
     """Finds the `usage` object of an OpenAI-style response: the last `data:` event that carries
     one in a stream (in a Responses API stream, the response in its last event), or the
     top-level field of a JSON body. Keeps only an unfinished line (streams) or a bounded copy of
-    the body (plain JSON)."""
+    the body (plain JSON), each under its cap."""
 
     def __init__(self, *, event_stream: bool, encoding: str | None) -> None:
         self.event_stream = event_stream
         self.usage: dict[str, Any] | None = None
         self.events = 0  # data events seen, [DONE] excluded
+        self.stopped = False  # past a cap: nothing more is looked at
         self._line = b""
         self._body: bytearray | None = None if event_stream else bytearray()
+        self._tail_only = False  # the body passed MAX_JSON_BODY: `_body` holds its last JSON_TAIL bytes
         self._inflate = _decompressor(encoding)
+        self._inflated = 0
 
     def feed(self, chunk: bytes, *, without_usage: bool = False) -> None:
         """Looks at the next chunk. `without_usage`: the caller searched `chunk` for a usage
         object already and found none."""
+        if self.stopped:
+            return
         if self._inflate is not None:
+            self._feed_compressed(chunk)
+            return
+        self._look_at(chunk, without_usage)
+
+    def _feed_compressed(self, chunk: bytes) -> None:
+        inflate = self._inflate
+        assert inflate is not None
+        while True:
             try:
-                chunk = self._inflate.decompress(chunk)
+                piece = inflate.decompress(chunk, _INFLATE_STEP)
             except zlib.error:
-                self._inflate, self._body, self.event_stream = None, None, False  # unreadable: stop looking
+                self._stop("the compressed body is not readable")
                 return
-            without_usage = False  # the caller saw compressed bytes
+            self._inflated += len(piece)
+            if self._inflated > MAX_INFLATED:
+                self._stop(f"the body inflates to more than {MAX_INFLATED} bytes")
+                return
+            if piece:
+                self._look_at(piece, False)  # the caller saw compressed bytes: nothing searched yet
+            if self.stopped:
+                return
+            chunk = inflate.unconsumed_tail
+            if not chunk and len(piece) < _INFLATE_STEP:  # a full piece may leave output pending
+                return
+
+    def _stop(self, why: str) -> None:
+        logger.debug("usage is not counted for this response: %s", why)
+        self.stopped, self._line, self._body, self._inflate = True, b"", None, None
+
+    def _look_at(self, chunk: bytes, without_usage: bool) -> None:
         if self.event_stream:
             if self._line:  # an unfinished line before: the chunk completes it
                 chunk, without_usage = self._line + chunk, False
@@ -53,19 +91,25 @@ class UsageReader:
                 self.events += chunk.count(b"\ndata:") + chunk.startswith(b"data:")
                 return
             whole = chunk.rfind(b"\n") + 1
+            if whole == 0 and len(chunk) > MAX_LINE:
+                self._stop(f"an event-stream line is longer than {MAX_LINE} bytes")
+                return
             self._line = chunk[whole:]  # an unfinished line waits for the rest
+            if len(self._line) > MAX_LINE:
+                self._stop(f"an event-stream line is longer than {MAX_LINE} bytes")
+                return
             self._scan_lines(chunk[:whole])
         elif self._body is not None:
-            if len(self._body) + len(chunk) > _MAX_JSON_BODY:
-                self._body = None
-            else:
-                self._body += chunk
+            self._body += chunk
+            if len(self._body) > MAX_JSON_BODY or (self._tail_only and len(self._body) > 2 * JSON_TAIL):
+                self._tail_only = True  # usage is a body's last member in OpenAI's shape: keep the tail
+                del self._body[:-JSON_TAIL]
 
     def finish(self) -> None:
         if self._body:
             body = bytes(self._body)
-            usage = _trailing_usage(body)
-            if not isinstance(usage, dict):
+            usage = _trailing_usage(body, whole_body=not self._tail_only)
+            if not isinstance(usage, dict) and not self._tail_only:
                 usage = _usage_of(body)  # another shape of body: the full parse
             if usage is not None:
                 self.usage = usage
@@ -132,14 +176,15 @@ def _usage_only(event: bytes) -> dict[str, Any] | None:
 _DECODER: Final = json.JSONDecoder()
 
 
-def _trailing_usage(body: bytes) -> Any:
+def _trailing_usage(body: bytes, *, whole_body: bool = True) -> Any:
     """`usage` when it is the last member of the top-level object, as OpenAI and vLLM send it,
-    decoded without the rest of the body; None when the body has another shape.
+    decoded without the rest of the body; None when the body has another shape. `body` may be
+    only the tail of a large body (`whole_body` False).
 
     The last `"usage"` followed by `:` is a key (inside a JSON string a quote is escaped), and
     exactly one `}` after its value makes it a member of the object that ends the body."""
     at = body.rfind(USAGE_KEY)
-    if at == -1 or not body.lstrip().startswith(b"{"):
+    if at == -1 or (whole_body and not body.lstrip().startswith(b"{")):
         return None
     try:
         after_key = body[at + len(USAGE_KEY):].decode().lstrip()

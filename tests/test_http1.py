@@ -415,7 +415,7 @@ async def test_a_piece_that_came_with_the_break_is_read_before_the_error() -> No
     # Over a real socket the two may or may not arrive in one loop turn; here they always do.
     loop = asyncio.get_running_loop()
     client = Http1Client()
-    connection = _Connection(client, Origin("http", "upstream.test", 80), loop)
+    connection = _Connection(client, (Origin("http", "upstream.test", 80), None), loop)
     connection.connection_made(_Wire())
     response = connection.send(b"GET / HTTP/1.1\r\n\r\n", b"", head_request=False)
     connection.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
