@@ -8,7 +8,6 @@ import gc
 import ipaddress
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from proxykit._utils import printable_url
 from proxykit.app import create_app
 from proxykit.config import Config, ConfigError
 from proxykit.config_reader import config_from_dict, load_config
@@ -101,7 +101,7 @@ def summary(config: Config) -> str:
             count = sum(1 for key in deployment.api_keys if key.secret)
             source = " from a file" if deployment.keys_file else ""
             lines.append(
-                f"    deployment {deployment.name}: {_without_userinfo(deployment.base_url)} "
+                f"    deployment {deployment.name}: {printable_url(deployment.base_url)} "
                 f"model={deployment.model}, {count} keys{source}"
             )
     return "\n".join(lines)
@@ -236,6 +236,3 @@ def _is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-
-def _without_userinfo(url: str) -> str:
-    return re.sub(r"//[^/@]*@", "//", url)

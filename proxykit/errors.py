@@ -119,8 +119,11 @@ def map_httpx_error(exc: httpx.HTTPError) -> ProxyError:
 
 async def send_error(exc: ProxyError, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer a request with `exc` as an OpenAI-shaped JSON error."""
-    ctx = ensure_context(scope)
-    body = exc.body(ctx.request_id)
+    await send_error_messages(exc, ensure_context(scope).request_id, send)
+
+
+async def send_error_messages(exc: ProxyError, request_id: str, send: Send) -> None:
+    body = exc.body(request_id)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

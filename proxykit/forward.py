@@ -11,11 +11,21 @@ from typing import Any, NamedTuple
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from proxykit._utils import leaves_its_base, route_path
+from proxykit._utils import join_url, leaves_its_base, route_path
 from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import InvalidRequest, NoUpstreamAvailable, ProxyError, UpstreamError, map_httpx_error, send_error
+from proxykit.errors import (
+    InvalidRequest,
+    NoUpstreamAvailable,
+    ProxyError,
+    UpstreamError,
+    map_httpx_error,
+    send_error,
+    send_error_messages,
+)
 from proxykit.headers import downstream_headers, upstream_headers
+from proxykit.keys import KeyState
+from proxykit.redact import Redactor
 from proxykit.resources import Resources
 from proxykit.routing import resolve_model
 from proxykit.sends import beyond_stepped_aside
@@ -24,6 +34,8 @@ from proxykit.upstream import UpstreamResponse
 from proxykit.watch import AttemptWatch, AttemptWatches
 
 logger = logging.getLogger(__name__)
+
+_WHOLE_ERROR_BODY = 64 * 1024  # an upstream error body up to this size is redacted in one piece
 
 # The APIs whose streams carry usage only on request (`stream_options.include_usage`). Others
 # reject the option (the Responses API answers 400), and the Responses API sends usage anyway.
@@ -110,9 +122,7 @@ class Forwarder:
         if secret:
             headers.append((b"authorization", b"Bearer " + secret.encode("latin-1")))
         # The deployment's base_url ends in the API version (…/v1), as OpenAI SDK base URLs do.
-        url = deployment.base_url + path
-        if query := scope.get("query_string"):
-            url = f"{url}?{query.decode('latin-1')}"
+        url = join_url(deployment.base_url, path, scope.get("query_string", b"").decode("latin-1"))
         return _UpstreamRequest(scope["method"], url, headers, body)
 
     async def _forward(
@@ -179,6 +189,9 @@ class Forwarder:
         return response
 
     async def _relay(self, response: UpstreamResponse, is_event_stream: bool, ctx: RequestContext, send: Send) -> None:
+        if response.status >= 400 and ctx.key is not None and (redactor := _redactor(ctx.key)).active:
+            await self._relay_redacted(response, ctx, send, redactor)
+            return
         strip_usage = ctx.injected_usage and is_event_stream
         # Stripping an event changes the length: the body then goes out chunked.
         headers = downstream_headers(response.raw_headers, keep_length=not strip_usage)
@@ -223,6 +236,41 @@ class Forwarder:
         _finish(reader, ctx)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _relay_redacted(
+        self, response: UpstreamResponse, ctx: RequestContext, send: Send, redactor: Redactor
+    ) -> None:
+        """An upstream error body with the deployment's keys replaced by their aliases. A body of up
+        to `_WHOLE_ERROR_BODY` bytes is read whole first, so it keeps a right `content-length`; a
+        longer one goes out chunked, through the redactor as it arrives."""
+        headers = downstream_headers(response.raw_headers, keep_length=False)
+        body, ended, started = b"", False, False
+        try:
+            while not ended and len(body) <= _WHOLE_ERROR_BODY:
+                chunk = await response.read_chunk()
+                body, ended = body + chunk, not chunk
+            if ended:
+                body = redactor.feed(body) + redactor.finish()
+                headers.append((b"content-length", b"%d" % len(body)))
+                await send({"type": "http.response.start", "status": response.status, "headers": headers})
+                _finish(None, ctx)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            started = True
+            await send({"type": "http.response.body", "body": redactor.feed(body), "more_body": True})
+            while chunk := await response.read_chunk():
+                await send({"type": "http.response.body", "body": redactor.feed(chunk), "more_body": True})
+        except httpx.HTTPError as exc:
+            # Cut while its body arrived: what came goes out, and the connection closes unfinished.
+            error = map_httpx_error(exc)
+            ctx.outcome = error.outcome
+            logger.warning("upstream error response broke off: %s", error.message)
+            if not started:  # nothing went out yet: the client gets proxykit's own error instead
+                await send_error_messages(error, ctx.request_id, send)
+            return
+        _finish(None, ctx)
+        await send({"type": "http.response.body", "body": redactor.finish(), "more_body": False})
+
     async def _break_off(
         self, error: ProxyError, ctx: RequestContext, send: Send, is_event_stream: bool, ended_cleanly: bool
     ) -> None:
@@ -236,6 +284,13 @@ class Forwarder:
             prefix = b"" if ended_cleanly else b"\n\n"
             event = prefix + b"data: " + broken.body(ctx.request_id) + b"\n\n"
             await send({"type": "http.response.body", "body": event, "more_body": True})
+
+
+def _redactor(key: KeyState) -> Redactor:
+    return Redactor({
+        upstream_key.secret.encode("latin-1"): upstream_key.alias.encode("latin-1")
+        for upstream_key in key.deployment.api_keys
+    })
 
 
 def _is_event_stream(response: UpstreamResponse) -> bool:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import httpx
 
+from proxykit._utils import join_url
 from proxykit.config_reader import read_key_file
 from proxykit.keys import KeyPool, KeyState
 
@@ -80,7 +81,7 @@ class PoolUpkeep:
 
     async def probe(self, state: KeyState) -> None:
         request = httpx.Request(
-            "GET", f"{state.deployment.base_url}/models", headers={"authorization": f"Bearer {state.secret}"},
+            "GET", join_url(state.deployment.base_url, "/models"), headers={"authorization": f"Bearer {state.secret}"},
         )
         try:
             with anyio.fail_after(PROBE_TIMEOUT):
