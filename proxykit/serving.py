@@ -62,7 +62,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes read since the request began, while its headers are incomplete
+        self._header_size = 0  # the request line and headers parsed so far
         self._header_count = 0
         self._in_head = True  # between a request's first byte and the end of its headers
         self._header_timer: Any = None
@@ -96,25 +97,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             self.logger.warning("Unsupported upgrade request.")  # proxykit serves no WebSocket
             return
-        # Checked after parsing: the read that ends the headers may carry body bytes as well.
+        # A header the parser still assembles is not in `_header_size` yet: the raw count bounds
+        # it. Checked after parsing, since the read that ends the headers may carry body bytes.
         if self._in_head and self._head_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
             self._refuse(431, f"the request's header block is larger than {self.limits.max_header_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head, self._head_bytes, self._header_count = True, 0, 0
+        self._in_head, self._header_size, self._header_count = True, 0, 0
         self._arm_header_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
-        if len(self.url) > self.limits.max_header_bytes:
-            raise _Refused(431, "the request line is too long")
+        self._header_size += len(url)
+        self._check_header_size()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise _Refused(431, f"the request has more than {self.limits.max_headers} headers")
+        self._header_size += len(name) + len(value) + 4
+        self._check_header_size()
         super().on_header(name, value)
+
+    def _check_header_size(self) -> None:
+        if self._header_size > self.limits.max_header_bytes:
+            raise _Refused(431, f"the request's header block is larger than {self.limits.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
