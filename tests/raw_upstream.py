@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
+
 MiB = 1024 * 1024
 OK_BODY = b'{"id": "x", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}'
 
@@ -113,3 +115,20 @@ async def raw_upstream() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
+
+
+async def raw_request(url: str, data: bytes, *, read_timeout: float = 10.0) -> bytes:
+    """Sends `data` as it is, then reads until the server closes (or `read_timeout`)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answer = b""
+    try:
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            with anyio.move_on_after(read_timeout):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+    finally:
+        writer.close()
+    return answer

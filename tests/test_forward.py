@@ -6,8 +6,11 @@ import json
 
 import httpx
 import pytest
+import respx
 
-from tests.conftest import CHAT, UPSTREAM_KEYS, make_config, respx_proxy, streamed
+from proxykit import create_app
+from tests.conftest import CHAT, UPSTREAM_KEYS, make_config, respx_proxy, serve, streamed
+from tests.raw_upstream import raw_request
 
 pytestmark = pytest.mark.anyio
 
@@ -201,3 +204,58 @@ async def test_fields_named_by_every_connection_header_stay_behind() -> None:
     sent = route.calls.last.request.headers
     assert "x-first" not in sent and "x-second" not in sent
     assert sent["x-kept"] == "3"
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(b"/v1/../../internal/admin", id="dots"),
+    pytest.param(b"/v1/%2e%2e/%2e%2e/internal/admin", id="encoded-dots"),
+    pytest.param(b"/v1/..%2f..%2finternal/admin", id="encoded-slash"),
+    pytest.param(b"/v1/%252e%252e/internal/admin", id="double-encoded"),
+    pytest.param(b"/v1/chat/.\\..\\admin", id="backslash"),
+])
+async def test_a_path_leaving_base_url_is_refused_and_nothing_goes_upstream(path: bytes) -> None:
+    # A real server, and the request target sent as written: httpx would normalise the dots away.
+    router = respx.MockRouter(using=None)  # no route: anything sent upstream would fail
+    app = create_app(make_config(), transport=httpx.MockTransport(router.async_handler))
+    async with serve(app) as url:
+        body = json.dumps(CHAT).encode()
+        answer = await raw_request(url, b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                                        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (path, len(body), body))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_request"
+    assert len(router.calls) == 0
+
+
+async def test_a_body_nested_50000_deep_is_a_400() -> None:
+    async with respx_proxy(make_config()) as (router, client):  # no route: anything sent upstream fails
+        body = b'{"model": "chat", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+        response = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert len(router.calls) == 0
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("options", ["yes", 1, True, ["include_usage"]])
+async def test_a_stream_options_that_is_not_an_object_goes_up_untouched(options: object) -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(
+            return_value=streamed(400, b'{"error": {"message": "stream_options must be an object"}}'))
+        response = await client.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": options})
+    assert response.status_code == 400  # the upstream's own answer, passed through
+    assert json.loads(route.calls.last.request.content)["stream_options"] == options
+
+
+@pytest.mark.parametrize("size", [pytest.param(100, id="small"), pytest.param(200_000, id="large")])
+async def test_an_upstream_error_that_echoes_the_key_reaches_the_client_with_its_alias(size: int) -> None:
+    secret = UPSTREAM_KEYS[0]
+    echo = b'{"error": {"message": "Incorrect API key provided: ' + secret.encode() + b'", "pad": "'
+    body = echo + b"x" * size + b" " + secret.encode() + b'"}}'
+    config = make_config(retry={"attempts": 0})
+    async with respx_proxy(config) as (router, client):
+        router.post("/chat/completions").mock(side_effect=lambda request: streamed(401, *[
+            body[i:i + 7000] for i in range(0, len(body), 7000)]))  # a key may be split across pieces
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 401
+    assert secret not in response.text
+    assert response.text.count("chat#0") == 2
+    assert len(response.content) == len(body) - 2 * (len(secret) - len("chat#0"))

@@ -3,7 +3,6 @@ answer, and the proxy's peak memory (VmHWM in /proc/PID/status) stays within a b
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import CHAT, ProxykitProcess, proxykit_process
-from tests.raw_upstream import MiB, peak_rss_kib, raw_upstream
+from tests.raw_upstream import MiB, peak_rss_kib, raw_request, raw_upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -87,23 +86,6 @@ async def test_an_upstream_that_switches_protocols_gets_a_502_and_the_worker_liv
     assert response.json()["error"]["code"] == "upstream_error"
     assert after.status_code == 200
     assert "Fatal error" not in proxy.output and "Traceback" not in proxy.output
-
-
-async def raw_request(url: str, data: bytes, *, read_timeout: float = 10.0) -> bytes:
-    """Sends `data` as it is, then reads until the server closes (or `read_timeout`)."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    answer = b""
-    try:
-        writer.write(data)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-            with anyio.move_on_after(read_timeout):
-                while chunk := await reader.read(65536):
-                    answer += chunk
-    finally:
-        writer.close()
-    return answer
 
 
 async def test_a_header_block_over_the_limit_gets_431(tmp_path: Path) -> None:

@@ -351,3 +351,18 @@ def test_changes_are_folded_in_when_the_app_moves_to_another_event_loop(monkeypa
     time.sleep(1.2)  # long enough for that timer to count as lost
     asyncio.run(count_one(0.5))  # a timer on this loop folds both in
     assert value(_exposed(metrics.requests), "proxykit_requests_total") == 2
+
+
+async def test_an_upstream_usage_of_400_digits_is_not_counted_and_leaves_nothing_in_flight() -> None:
+    digits = b"9" * 400
+    body = b'{"choices": [], "usage": {"prompt_tokens": ' + digits + b', "completion_tokens": 3}}'
+    async with respx_proxy(priced_config()) as (router, client):
+        router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, body))
+        auth = {"authorization": f"Bearer {CLIENT_KEY}"}
+        response = await client.post("/v1/chat/completions", json=CHAT, headers=auth)
+        text = (await client.get("/metrics")).text
+    assert response.status_code == 200
+    assert value(text, "proxykit_requests_total", model="chat", status="200") == 1
+    assert value(text, "proxykit_tokens_total", type="prompt") == 0  # not a count any upstream could mean
+    assert value(text, "proxykit_tokens_total", type="completion") == 3
+    assert value(text, "proxykit_in_flight_requests", model="chat") == 0

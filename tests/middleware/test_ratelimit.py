@@ -136,3 +136,26 @@ async def test_full_upstream_keys_queue_then_503() -> None:
     assert sorted(upstream.calls.values()) == [2, 2, 2]
     refused = next(r for r in results if r.status_code == 503)
     assert "at their rpm/tpm limit" in refused.json()["error"]["message"]
+
+
+async def test_a_max_tokens_of_400_digits_is_refused_as_too_many_not_a_crash() -> None:
+    async with respx_proxy(limited_config(tpm=1000)) as (router, client):
+        route = router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, usage_body(10)))
+        huge = await client.post(
+            "/v1/chat/completions", content=b'{"model": "chat", "max_tokens": ' + b"9" * 400 + b"}",
+            headers={"x-api-key": A, "content-type": "application/json"},
+        )
+        after = await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": A})
+    assert huge.status_code == 429
+    assert huge.json()["error"]["code"] == "rate_limit_exceeded"
+    assert after.status_code == 200  # nothing was spent by the refused one
+    assert len(route.calls) == 1
+
+
+async def test_an_upstream_usage_of_400_digits_settles_as_nothing() -> None:
+    huge = b'{"choices": [], "usage": {"prompt_tokens": ' + b"9" * 400 + b', "total_tokens": ' + b"9" * 400 + b"}}"
+    async with respx_proxy(limited_config(tpm=1000)) as (router, client):
+        router.post("/chat/completions").mock(side_effect=[streamed(200, huge), streamed(200, usage_body(10))])
+        first = await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": A})
+        second = await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": A})
+    assert (first.status_code, second.status_code) == (200, 200)
