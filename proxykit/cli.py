@@ -25,7 +25,13 @@ from proxykit.config_reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
 from proxykit.logs import configure_logging
 from proxykit.metrics import MULTIPROCESS_ENV
-from proxykit.serving import DrainingServer, ServerLimits, drain_on_exit_signals
+from proxykit.serving import (
+    DrainingServer,
+    DrainingSupervisor,
+    ServerLimits,
+    drain_on_exit_signals,
+    exit_quietly_after_sigterm,
+)
 
 logger = logging.getLogger("proxykit")
 
@@ -123,12 +129,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     warn_if_open(config, args.host)
     if args.workers > 1:
+        exit_quietly_after_sigterm()
         _serve_workers(path, args)
         return 0
     app = create_app(config)
     if hasattr(signal, "SIGHUP"):  # re-read `file:` key lists without a restart
         signal.signal(signal.SIGHUP, lambda signum, frame: app.state.resources.request_reload())
     server = DrainingServer(_uvicorn_config(app, args))
+    exit_quietly_after_sigterm()
     _tune_garbage_collector()
     server.run()
     return 0
@@ -153,9 +161,10 @@ def _serve_workers(path: str, args: argparse.Namespace) -> None:
     os.environ["PROXYKIT_LOG_LEVEL"] = args.log_level
     with tempfile.TemporaryDirectory(prefix="proxykit-metrics-") as metrics_dir:
         os.environ.setdefault(MULTIPROCESS_ENV, metrics_dir)
-        uvicorn.run(
+        config = uvicorn.Config(
             "proxykit.cli:app_from_environment", factory=True, workers=args.workers, **_server_options(args),
         )
+        DrainingSupervisor(config, sockets=[config.bind_socket()]).run()
 
 
 def app_from_environment() -> Starlette:

@@ -27,6 +27,7 @@ from typing import Any, Final
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,27 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         mark_draining(self.config.loaded_app if self.config.loaded else None)
         super().handle_exit(sig, frame)
+
+
+class DrainingSupervisor(Multiprocess):
+    """uvicorn's `--workers` supervisor, which also lets go of the listening socket as soon as it
+    stops: the workers close theirs, and new connections are then refused rather than left
+    waiting in the backlog of a socket nobody accepts on."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
+
+
+def exit_quietly_after_sigterm() -> None:
+    """uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
+    handler in place beforehand, a drained SIGTERM ends the process with status 0."""
+
+    def exit_zero(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, exit_zero)
 
 
 def mark_draining(app: Any) -> None:

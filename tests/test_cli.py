@@ -115,3 +115,30 @@ def test_sample_config_in_examples_is_valid() -> None:
     result = run("check", str(Path(__file__).parents[1] / "examples" / "proxykit.yaml"), env=env)
     assert result.returncode == 0, result.stderr
     assert "3 models, 4 deployments" in result.stdout
+
+
+def test_check_never_prints_a_query_value_of_a_base_url(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("""
+models:
+  - name: gemini
+    deployments:
+      - {base_url: "https://gen.example/v1beta/openai?key=SECRET-IN-QUERY&alt=sse", api_keys: [k-123456789]}
+      - {base_url: "http://me:PASSWORD@local:8000/v1", name: local, proxy: "http://u:PROXY-PASS@proxy:3128"}
+""")
+    result = run("check", str(tmp_path / "c.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "https://gen.example/v1beta/openai?key=***&alt=***" in result.stdout
+    for secret in ("SECRET-IN-QUERY", "PASSWORD", "PROXY-PASS", "k-123456789"):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_a_proxy_that_is_not_http_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("""
+models:
+  - name: m
+    deployments: [{base_url: "https://api.example/v1", proxy: "socks5://u:SECRET@proxy:1080"}]
+""")
+    result = run("check", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2
+    assert "models[0].deployments[0].proxy: only http:// proxies are supported, not socks5://" in result.stderr
+    assert "SECRET" not in result.stderr

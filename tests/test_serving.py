@@ -1,0 +1,112 @@
+"""Readiness and shutdown: 503 only for the process's own state, and a SIGTERM that lets streams
+in flight finish within the grace period."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+
+from proxykit import create_app
+from proxykit.serving import DrainingServer
+from tests.conftest import CHAT, in_process, make_config, proxykit_process, serve
+from tests.upstreams import GatedStream
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_one_dead_upstream_never_makes_the_process_unready() -> None:
+    config = make_config(models=[
+        {"name": "dead", "deployments": [{"base_url": "http://127.0.0.1:9/v1"}]},
+        {"name": "chat", "deployments": [{"base_url": "http://upstream.test/v1"}]},
+    ], retry={"attempts": 0})
+    async with in_process(create_app(config)) as client:
+        failed = await client.post("/v1/chat/completions", json={**CHAT, "model": "dead"})
+        ready = await client.get("/health/ready")
+    assert failed.status_code == 502
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ok"
+    assert set(ready.json()["models"]) == {"dead", "chat"}
+
+
+async def test_a_draining_server_answers_readiness_with_503() -> None:
+    app = create_app(make_config())
+    config = uvicorn.Config(app)
+    config.load()
+    server = DrainingServer(config)
+    async with in_process(app) as client:
+        before = await client.get("/health/ready")
+        server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+        during = await client.get("/health/ready")
+        liveness = await client.get("/health")
+    assert before.status_code == 200
+    assert (during.status_code, during.json()["status"]) == (503, "draining")
+    assert server.should_exit
+    assert liveness.status_code == 200  # alive, only not taking new work
+
+
+def connect_refused(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [pytest.param(1, id="one-process"), pytest.param(2, id="workers")])
+async def test_sigterm_lets_a_stream_in_flight_finish_then_exits(tmp_path: Path, workers: int) -> None:
+    upstream = GatedStream(events=3)
+    async with serve(upstream, lifespan="off") as upstream_url:
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
+        args = ("--config", str(path), "--workers", str(workers))
+        async with proxykit_process(tmp_path, *args) as proxy, httpx.AsyncClient(timeout=30) as client:
+            body = {**CHAT, "stream": True}
+            async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+                chunks = response.aiter_raw()
+                upstream.release(0)
+                first = await chunks.__anext__()
+                proxy.process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(10):  # new connections stop while the stream goes on
+                    while not connect_refused(proxy.url):
+                        await anyio.sleep(0.1)
+                for n in (1, 2, 3):
+                    upstream.release(n)
+                rest = b"".join([chunk async for chunk in chunks])
+            with anyio.fail_after(20):
+                while proxy.process.poll() is None:
+                    await anyio.sleep(0.1)
+    assert first.startswith(b"data: ")
+    assert rest.endswith(b"data: [DONE]\n\n")  # the whole stream, after the SIGTERM
+    assert proxy.process.returncode == 0
+
+
+async def test_a_stream_longer_than_the_grace_period_is_cut_and_the_process_exits(tmp_path: Path) -> None:
+    upstream = GatedStream(events=3)
+    async with serve(upstream, lifespan="off") as upstream_url:
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
+        args = ("--config", str(path), "--timeout-graceful-shutdown", "1")
+        async with proxykit_process(tmp_path, *args) as proxy, httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                chunks = r.aiter_raw()
+                upstream.release(0)
+                await chunks.__anext__()
+                proxy.process.send_signal(signal.SIGTERM)
+                with pytest.raises(httpx.RemoteProtocolError):  # cut, never seen as complete
+                    async for _ in chunks:
+                        pass
+            try:
+                proxy.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the process outlived its grace period")
+    for n in range(4):
+        upstream.release(n)
