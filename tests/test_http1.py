@@ -340,6 +340,35 @@ async def test_idle_connections_expire() -> None:
     assert scripted.connections == 2
 
 
+async def test_idle_connections_are_closed_by_a_timer_without_another_request() -> None:
+    scripted = Scripted(lambda r, w: keeps_answering(scripted)(r, w))
+    client = Http1Client(keepalive_expiry=0.3)
+    async with scripted.running() as url:
+        with anyio.fail_after(5):
+            await asyncio.gather(*(send(client, url) for _ in range(6)))  # a burst: several connections
+            assert client.open_connections > 1
+            while client.open_connections:  # no request comes: the timer alone closes them
+                await anyio.sleep(0.05)
+        await client.aclose()
+
+
+async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on() -> None:
+    scripted = Scripted(lambda r, w: keeps_answering(scripted)(r, w))
+    client = Http1Client(max_connections=1)
+    async with scripted.running() as url:
+        with anyio.fail_after(5):
+            busy = await client.open("POST", url, [], b"{}", TIMEOUTS)  # holds the one connection
+            first = asyncio.ensure_future(send(client, f"{url}/a"))
+            second = asyncio.ensure_future(send(client, f"{url}/b"))
+            await anyio.sleep(0.05)  # both wait for the connection
+            while await busy.read_chunk():
+                pass
+            await busy.aclose()  # synchronous underneath: gives the connection back, wakes `first`...
+            first.cancel()  # ...which is cancelled before it runs: the slot must reach `second`
+            assert await second == b"ok"
+        await client.aclose()
+
+
 async def test_a_client_that_stops_reading_stops_the_socket_being_read() -> None:
     total = 16 * 1024 * 1024
 

@@ -199,3 +199,18 @@ def test_low_remaining_share_ranks_a_key_behind_fresh_ones() -> None:
 )
 def test_reset_durations(text: str, seconds: float | None) -> None:
     assert reset_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param({"retry-after": "1e300"}, id="retry-after-1e300"),
+    pytest.param({"retry-after-ms": "9" * 400}, id="retry-after-ms-400-digits"),
+    pytest.param({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "9" * 400 + "s"}, id="reset"),
+    pytest.param({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1e300m"}, id="reset-units"),
+])
+def test_a_rest_from_an_upstream_header_lasts_a_day_at_most(headers: dict[str, str]) -> None:
+    keys, clock = pool()
+    state = keys.choose("m")
+    assert state is not None
+    outcome = "http_429" if "retry-after" in next(iter(headers)) else "ok"
+    keys.record(state, outcome, headers)
+    assert clock.now < state.until <= clock.now + 86_400

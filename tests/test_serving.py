@@ -110,3 +110,24 @@ async def test_a_stream_longer_than_the_grace_period_is_cut_and_the_process_exit
                 pytest.fail("the process outlived its grace period")
     for n in range(4):
         upstream.release(n)
+
+
+async def test_limit_concurrency_refuses_what_is_past_it_with_503(tmp_path: Path) -> None:
+    upstream = GatedStream(events=1)
+    async with serve(upstream, lifespan="off") as upstream_url:
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
+        args = ("--config", str(path), "--limit-concurrency", "2")
+        async with proxykit_process(tmp_path, *args) as proxy, httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                chunks = r.aiter_raw()
+                upstream.release(0)
+                await chunks.__anext__()
+                async with httpx.AsyncClient(timeout=30) as other:  # a second connection
+                    refused = await other.get(f"{proxy.url}/health")
+                upstream.release(1)
+                async for _ in chunks:
+                    pass
+            after = await client.get(f"{proxy.url}/health")
+    assert refused.status_code == 503
+    assert after.status_code == 200
