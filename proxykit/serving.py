@@ -98,15 +98,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             self.logger.warning("Unsupported upgrade request.")  # proxykit serves no WebSocket
             return
-        # A header the parser still assembles is not in `_header_size` yet: the raw count bounds
-        # it. Checked after parsing, since the read that ends the headers may carry body bytes.
-        if self._in_head and self._head_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
-            self._refuse(431, f"the request's header block is larger than {self.limits.max_header_bytes} bytes")
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            # A header the parser still assembles is not in `_header_size` yet: the raw count
+            # bounds it. Checked after parsing: the read that ends the headers may carry body bytes.
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(431, f"the request's header block is larger than {self.limits.max_header_bytes} bytes")
+            elif self._head_bytes:
+                self._arm_header_timer()  # headers incomplete after a read: timed from here on
+        elif self.cycle is not None and self.cycle.more_body:
+            # A body still arriving. Timers are set only here, so a request that arrives whole
+            # in one read, the usual case, sets none.
+            self._body_seen_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_check)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._header_size, self._header_count = True, 0, 0
-        self._arm_header_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -129,13 +139,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm_header_timer()
         super().on_headers_complete()
-        self._body_seen_at = self.loop.time()
-        if self._body_timer is None:  # disarmed when the body is complete; most bodies arrive with the headers
-            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_check)
-
-    def on_body(self, body: bytes) -> None:
-        self._body_seen_at = self.loop.time()  # one timer a request, not one a piece: see _body_check
-        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm_body_timer()
@@ -165,7 +168,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
             return
         due = self._body_seen_at + self.limits.body_timeout
-        if self.loop.time() < due:
+        if self.flow.read_paused:  # the app is slow to read, not the client to send
+            self._body_seen_at = self.loop.time()
+            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_check)
+        elif self.loop.time() < due:
             self._body_timer = self.loop.call_at(due, self._body_check)
         elif self.cycle.response_started:
             self.transport.close()  # the app answered before the body was in: nothing left to say
