@@ -3,6 +3,7 @@ answer, and the proxy's peak memory (VmHWM in /proc/PID/status) stays within a b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -139,3 +140,20 @@ async def test_slow_clients_are_timed_out(tmp_path: Path) -> None:
     assert answers[0].startswith(b"HTTP/1.1 408 ")
     assert answers[1].startswith(b"HTTP/1.1 408 ")
     assert answers[2] == b""  # nothing asked, nothing answered: the connection is closed
+
+
+async def test_a_body_that_keeps_coming_slowly_is_not_timed_out(tmp_path: Path) -> None:
+    async with hostile_proxy(tmp_path, "--body-timeout", "1") as proxy:
+        body = json.dumps({**CHAT, "model": "ok"}).encode()
+        host, port = proxy.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body))
+        for piece in (body[:10], body[10:20], body[20:]):  # 2 s in all, never 1 s of silence
+            writer.write(piece)
+            await writer.drain()
+            await anyio.sleep(0.6)
+        with anyio.fail_after(10):
+            answer = await reader.read()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
