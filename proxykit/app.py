@@ -1,4 +1,22 @@
-"""create_app(): the one place that knows the middleware order, the routes and the lifespan."""
+"""create_app(): the map of a request through proxykit, and the one place that knows both layer
+lists, the routes and the lifespan.
+
+Every request passes the outer layers, outermost first; then `/v1/...` (the model list aside)
+goes to the forwarding layers, anything else to proxykit's own routes:
+
+    outer:       RequestId -> Metrics -> Auth -> ForwardingDispatch
+    forwarding:  RateLimit -> Retry -> KeyRotation -> Forwarder
+    routes:      /health, /health/ready, /metrics, /v1/models, /v1/models/{id}
+
+Three fast paths keep proxykit's own cost per request small, each in one place:
+
+* step-aside (`proxykit/sends.py`): a layer that has seen what it needs of a response (its
+  start, or its first chunk) says so, and the forwarder sends the rest of a stream past it;
+* the relay task (`Forwarder` in `proxykit/forward.py`): an event stream is relayed by a task of
+  its own, so each event resumes two frames instead of every layer's coroutine;
+* the watch timer (`proxykit/watch.py`): one timer for all attempts in flight notices clients
+  that leave and first-byte deadlines that pass, instead of a task and a timer per request.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +31,14 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxykit._utils import route_path
+from proxykit.api.public import Endpoints
 from proxykit.config import Config
-from proxykit.config_reader import config_from_dict, load_config
+from proxykit.config.reader import config_from_dict, load_config
 from proxykit.context import ensure_context
-from proxykit.endpoints import Endpoints
 from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound
 from proxykit.forward import Forwarder
 from proxykit.middleware.auth import AuthMiddleware
@@ -51,27 +69,17 @@ def create_app(
     config = _as_config(config)
     resources = Resources(config, transport=transport)
     endpoints = Endpoints(resources)
-    middleware = [Middleware(RequestIdMiddleware)]
-    if resources.metrics is not None:
-        pricing = {model.name: model.pricing for model in config.models if model.pricing}
-        middleware.append(Middleware(MetricsMiddleware, metrics=resources.metrics, pricing=pricing))
-    if config.auth.enabled:
-        open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
-        middleware.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
-    forwarding = _forwarding_stack(resources)
-    middleware.append(Middleware(_ForwardedRequests, forwarding=forwarding))
     routes = [
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
-        Mount("/v1", app=forwarding),
     ]
     if resources.metrics is not None:
         routes.insert(0, Route(config.metrics.path, endpoints.metrics, methods=["GET"]))
     app = Starlette(
         routes=routes,
-        middleware=middleware,
+        middleware=_outer_layers(resources, forwarding=_forwarding_layers(resources)),
         lifespan=resources.lifespan,
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _internal_error},
     )
@@ -79,10 +87,44 @@ def create_app(
     return app
 
 
-class _ForwardedRequests:
-    """Sends `/v1/...` requests (the model list aside) straight to the forwarding stack, as the
-    `/v1` mount would, but without Starlette's exception middleware, router and mount in between:
-    per request they cost ~5% of the proxy's CPU, and the forwarding layers answer their own errors."""
+def _outer_layers(resources: Resources, *, forwarding: ASGIApp) -> list[Middleware]:
+    """RequestId -> Metrics -> Auth -> ForwardingDispatch: every response, 401s and 429s
+    included, gets an id and is counted."""
+    config = resources.config
+    layers = [Middleware(RequestIdMiddleware)]
+    if resources.metrics is not None:
+        pricing = {model.name: model.pricing for model in config.models if model.pricing}
+        layers.append(Middleware(MetricsMiddleware, metrics=resources.metrics, pricing=pricing))
+    if config.auth.enabled:
+        open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
+        layers.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
+    layers.append(Middleware(ForwardingDispatch, forwarding=forwarding))
+    return layers
+
+
+def _forwarding_layers(resources: Resources) -> ASGIApp:
+    """RateLimit -> Retry -> KeyRotation -> Forwarder: limits apply before any upstream attempt is
+    spent, and rotation sits inside retry so each attempt gets a fresh key whose outcome is
+    recorded first."""
+    config = resources.config
+    body_limit = config.limits.max_body_bytes
+    app: ASGIApp = Forwarder(resources)
+    app = KeyRotationMiddleware(
+        app, pool=resources.keys, max_body_bytes=body_limit, queue_timeout=config.limits.queue_timeout,
+        shared_limiter=resources.limiter if resources.redis is not None else None,
+    )
+    if config.retry.attempts:  # none configured: no layer to pass through
+        app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
+    if limits := ClientLimits.by_client(config.auth.keys):
+        app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
+    return app
+
+
+class ForwardingDispatch:
+    """Sends `/v1/...` requests (the model list aside) to the forwarding layers, with `root_path`
+    extended as `Mount("/v1")` would; everything else goes on to proxykit's own routes. A
+    middleware rather than a mount: Starlette's router, mount and exception middleware would sit
+    in every forwarded request's path, and the forwarding layers answer their own errors."""
 
     def __init__(self, app: ASGIApp, *, forwarding: ASGIApp) -> None:
         self.app = app
@@ -94,7 +136,7 @@ class _ForwardedRequests:
             return
         path = route_path(scope)
         if path.startswith("/v1/") and not _is_model_list(scope["method"], path):
-            scope = {**scope, "root_path": scope.get("root_path", "") + "/v1"}  # what Mount("/v1") does
+            scope = {**scope, "root_path": scope.get("root_path", "") + "/v1"}
             await self.forwarding(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -102,24 +144,6 @@ class _ForwardedRequests:
 
 def _is_model_list(method: str, path: str) -> bool:
     return method in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/"))
-
-
-def _forwarding_stack(resources: Resources) -> ASGIApp:
-    """RateLimit → Retry → KeyRotation → Forwarder: only forwarded requests pass through these
-    layers, and rotation sits inside retry so each attempt gets a fresh key whose outcome is
-    recorded first."""
-    config = resources.config
-    body_limit = config.limits.max_body_bytes
-    app: ASGIApp = Forwarder(resources)
-    app = KeyRotationMiddleware(
-        app, pool=resources.keys, max_body_bytes=body_limit, queue_timeout=config.limits.queue_timeout,
-        shared_limiter=resources.limiter if resources.redis is not None else None,
-    )
-    if config.retry.attempts:  # none configured: no layer to pass through
-        app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
-    if limits := ClientLimits.by_client(config.auth.keys):  # before any upstream attempt is spent
-        app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
-    return app
 
 
 def _as_config(config: Config | dict[str, Any] | str | os.PathLike[str]) -> Config:

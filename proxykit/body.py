@@ -10,7 +10,8 @@ import anyio
 from starlette.types import Message, Receive, Scope, Send
 
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import InvalidRequest, ProxyError, RequestTooLarge, send_error
+from proxykit.errors import InvalidRequest, ProxyError, RequestTooLarge
+from proxykit.respond import send_error
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from proxykit._utils import printable_url
 from proxykit.app import create_app
 from proxykit.config import Config, ConfigError
-from proxykit.config_reader import config_from_dict, load_config
+from proxykit.config.reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
 from proxykit.logs import configure_logging
 from proxykit.metrics import MULTIPROCESS_ENV
@@ -144,11 +144,11 @@ def serve(args: argparse.Namespace) -> int:
 
 def _tune_garbage_collector() -> None:
     """Every request allocates a few hundred short-lived objects (coroutines, messages, headers),
-    none in reference cycles that outlive it. At CPython's default threshold the collector ran
-    every few requests and rescanned everything loaded at start: in a profile, ~8% of the
-    proxy's CPU. Objects from startup are frozen out of collection, and young objects are
-    collected every 10,000 allocations instead of 700 (more would hold more memory between
-    collections: 500 open streams came close to 80 MiB at 50,000)."""
+    none in reference cycles that outlive it. At CPython's default threshold the collector runs
+    every few requests and rescans everything loaded at start. Objects from startup are frozen
+    out of collection, and young objects are collected every 10,000 allocations instead of 700;
+    a larger threshold would hold more memory between collections with hundreds of streams open.
+    The benchmark's README has the figures."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

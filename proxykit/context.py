@@ -2,6 +2,9 @@
 
     ctx = ensure_context(scope)   # in a middleware
     ctx = get_context(request.scope)   # in a host app's endpoint
+
+Fields come in three groups: what the request is, what the current upstream attempt is, and what
+came of it. Beside each: who writes it -> who reads it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Scope
 
+from proxykit.outcomes import Outcome
+
 if TYPE_CHECKING:
-    from proxykit.keys import KeyState
+    from proxykit.keys.state import KeyState
 
 SCOPE_KEY: Final = "proxykit.context"
 _VALID_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -24,45 +29,48 @@ _VALID_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 @dataclass(slots=True)
 class RequestContext:
-    request_id: str
-    body: bytes | None = None  # read once, bounded by max_body_bytes; replayed per attempt
-    payload: dict[str, Any] | None = None  # the body parsed as a JSON object
-    model: str = "unknown"  # the configured model name once resolved: a safe metrics label
-    client: str = "anonymous"  # the configured client key *name*; the secret never lands here
-    allowed_models: tuple[str, ...] | None = None  # the client's allow-list (globs); None allows all
-    deployment: str | None = None
-    key_alias: str | None = None  # the upstream key's alias, never the key
-    key: KeyState | None = None  # the key chosen for the current attempt
-    tried: list[KeyState] = field(default_factory=list)  # keys this request has used
-    skip_deployments: set[str] = field(default_factory=set)  # deployments that failed to connect
-    no_upstream: bool = False  # the current attempt found no key to use
-    next_key_in: float | None = None  # then: seconds until the soonest resting key returns
-    key_waits: int = 0  # times this request waited for a resting key
-    rate_limited: str | None = None  # "rpm" or "tpm" when a client limit refused the request
-    attempt: int = 0
-    attempt_started: float = 0.0
-    outcome: str | None = None  # "ok", "http_429", "connect_error", ... as in the metrics contract
-    attempts: list[tuple[str, str, str]] | None = None  # (deployment, key alias, outcome) per attempt
-    served_by: str | None = None  # the model entry whose key answered: the requested one or a fallback
-    on_model: Callable[[str], None] | None = None  # told once the model is known (metrics' in-flight)
-    usage: dict[str, Any] | None = None  # the upstream's token usage, plain or streamed
-    injected_usage: bool = False  # proxykit asked a stream for usage the client did not ask for
-    sent_events: int = 0  # stream events relayed: the token estimate for a stream cut short
-    upstream_wait: float = 0.0  # seconds spent waiting on the upstream, for the overhead metric
-    backoff_wait: float = 0.0  # seconds spent waiting between attempts
-    status: int | None = None  # the status sent to the client
-    started: float = field(default_factory=time.perf_counter)
-    ttfb: float | None = None  # seconds from `started` to the upstream's headers
-    attempt_ttfb: float | None = None  # the same, for the current attempt alone
-    finished: bool = False  # the whole response went out
-    disconnected: bool = False
+    # The request
+    request_id: str  # ensure_context -> logs, responses, upstream headers
+    body: bytes | None = None  # body.ensure_body (bounded, read once) -> every attempt, limits, metrics
+    payload: dict[str, Any] | None = None  # body.ensure_payload -> rotation, limits, forwarder
+    model: str = "unknown"  # rotation or forwarder (set_model), a configured name -> metrics, access log
+    client: str = "anonymous"  # auth: the client key's *name*, never the secret -> metrics, limits, log
+    allowed_models: tuple[str, ...] | None = None  # auth: the client's globs -> rotation, forwarder, /v1/models
+    on_model: Callable[[str], None] | None = None  # metrics: told when the model is known -> set_model
+    started: float = field(default_factory=time.perf_counter)  # -> durations, the retry deadline
+    rate_limited: str | None = None  # ratelimit: "rpm" or "tpm" when it refused -> metrics
+    # The current upstream attempt
+    attempt: int = 0  # retry: 0 for the first -> retry (the last one passes its error through)
+    key: KeyState | None = None  # rotation (or the forwarder alone) -> forwarder: the key to send with
+    deployment: str | None = None  # rotation -> attempts list, metrics
+    key_alias: str | None = None  # rotation -> attempts list, access log
+    served_by: str | None = None  # rotation: the model entry whose key it is (a fallback's?) -> pricing
+    tried: list[KeyState] = field(default_factory=list)  # rotation -> rotation: untried keys go first
+    skip_deployments: set[str] = field(default_factory=set)  # rotation, after a connect failure -> rotation
+    no_upstream: bool = False  # rotation: no key for this attempt -> retry (waits, or gives up)
+    next_key_in: float | None = None  # rotation: then, seconds until the soonest key returns -> retry
+    key_waits: int = 0  # retry: times it waited for a resting key -> retry (bounded)
+    attempt_started: float = 0.0  # forwarder -> forwarder (attempt_ttfb)
+    injected_usage: bool = False  # forwarder: it asked the stream for usage -> forwarder (strips it again)
+    # What came of it
+    outcome: Outcome | None = None  # forwarder, per attempt (None: no upstream asked) -> retry, rotation
+    attempts: list[tuple[str, str, Outcome]] | None = None  # forwarder -> x-proxykit-attempts, metrics
+    ttfb: float | None = None  # forwarder: seconds from `started` to the upstream's headers -> access log
+    attempt_ttfb: float | None = None  # forwarder: the same, this attempt alone -> rotation (latency)
+    usage: dict[str, Any] | None = None  # forwarder: the upstream's usage, plain or streamed -> metrics, limits
+    sent_events: int = 0  # forwarder: stream events relayed -> the estimate for a stream cut short
+    upstream_wait: float = 0.0  # forwarder: seconds waiting on the upstream -> metrics (overhead)
+    backoff_wait: float = 0.0  # retry: seconds between attempts -> metrics (overhead)
+    status: int | None = None  # request id layer: the status sent -> access log
+    finished: bool = False  # forwarder: the whole response went out -> disconnect watch
+    disconnected: bool = False  # whoever sees the client leave -> every layer: stop, never retry
 
     def set_model(self, name: str) -> None:
         self.model = name
         if self.on_model is not None:
             self.on_model(name)
 
-    def record_attempt(self, outcome: str) -> None:
+    def record_attempt(self, outcome: Outcome) -> None:
         self.outcome = outcome
         entry = (self.deployment or "-", self.key_alias or "-", outcome)
         if self.attempts is None:

@@ -1,4 +1,5 @@
-"""Errors proxykit itself answers with, all OpenAI-shaped (CONTRACT section 5).
+"""Errors proxykit itself answers with, all OpenAI-shaped (CONTRACT section 5). Pure: it imports
+nothing of ASGI; `proxykit.respond` sends them, `proxykit.upstream.failures` maps httpx's to them.
 
 ProxyError
  ├── InvalidRequest            400 invalid_request
@@ -20,20 +21,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import ClassVar, Final
+from typing import ClassVar
 
-import httpx
-from starlette.types import Receive, Scope, Send
-
-from proxykit.context import ensure_context
-from proxykit.http1 import MalformedResponse
+from proxykit.outcomes import Outcome
 
 
 class ProxyError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
-    outcome: ClassVar[str | None] = None  # the upstream attempt outcome it stands for, if any
+    outcome: ClassVar[Outcome | None] = None  # the upstream attempt outcome it stands for, if any
 
     def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)  # client-safe: no key, no upstream URL, no body
@@ -82,11 +79,11 @@ class InternalError(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    status, error_type, code, outcome = 502, "upstream_error", "upstream_error", "connect_error"
+    status, error_type, code, outcome = 502, "upstream_error", "upstream_error", Outcome.CONNECT_ERROR
 
 
 class UpstreamBadResponse(UpstreamError):
-    outcome = "http_5xx"  # the upstream answered, badly: that attempt failed, not its connection
+    outcome = Outcome.HTTP_5XX  # the upstream answered, badly: that attempt failed, not its connection
 
 
 class NoUpstreamAvailable(ProxyError):
@@ -94,40 +91,4 @@ class NoUpstreamAvailable(ProxyError):
 
 
 class UpstreamTimeout(ProxyError):
-    status, error_type, code, outcome = 504, "timeout_error", "upstream_timeout", "timeout"
-
-
-# Every httpx error an upstream call can raise, decided once. The first matching row wins,
-# so subclasses come before their bases (ConnectTimeout is a TimeoutException).
-HTTPX_ERRORS: Final[tuple[tuple[type[httpx.HTTPError], type[ProxyError], str], ...]] = (
-    (httpx.ConnectTimeout, UpstreamError, "the upstream could not be reached in time"),
-    (httpx.ConnectError, UpstreamError, "the upstream could not be reached"),
-    (httpx.TimeoutException, UpstreamTimeout, "the upstream did not answer in time"),
-    (MalformedResponse, UpstreamBadResponse, "the upstream's answer was not valid HTTP"),
-    (httpx.RemoteProtocolError, UpstreamError, "the upstream broke the connection"),
-    (httpx.TransportError, UpstreamError, "the upstream connection failed"),
-    (httpx.HTTPError, UpstreamError, "the upstream request failed"),
-)
-
-
-def map_httpx_error(exc: httpx.HTTPError) -> ProxyError:
-    for httpx_class, error_class, message in HTTPX_ERRORS:
-        if isinstance(exc, httpx_class):
-            return error_class(message)
-    raise AssertionError("unreachable: httpx.HTTPError is the last row")  # pragma: no cover
-
-
-async def send_error(exc: ProxyError, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer a request with `exc` as an OpenAI-shaped JSON error."""
-    await send_error_messages(exc, ensure_context(scope).request_id, send)
-
-
-async def send_error_messages(exc: ProxyError, request_id: str, send: Send) -> None:
-    body = exc.body(request_id)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((name.lower().encode(), value.encode()) for name, value in exc.headers.items()),
-    ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    status, error_type, code, outcome = 504, "timeout_error", "upstream_timeout", Outcome.TIMEOUT

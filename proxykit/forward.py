@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import httpx
@@ -13,24 +15,21 @@ from starlette.types import Receive, Scope, Send
 
 from proxykit._utils import join_url, leaves_its_base, route_path
 from proxykit.body import ensure_payload, or_answer, requested_model
+from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import (
-    InvalidRequest,
-    NoUpstreamAvailable,
-    ProxyError,
-    UpstreamError,
-    map_httpx_error,
-    send_error,
-    send_error_messages,
-)
+from proxykit.errors import InvalidRequest, NoUpstreamAvailable, ProxyError, UpstreamError
 from proxykit.headers import downstream_headers, upstream_headers
-from proxykit.keys import KeyState
+from proxykit.keys.choice import choose_key, describe, describe_none, learn
+from proxykit.keys.state import KeyState
+from proxykit.outcomes import Outcome, outcome_of
 from proxykit.redact import Redactor
 from proxykit.resources import Resources
+from proxykit.respond import send_error, send_error_to
 from proxykit.routing import resolve_model
 from proxykit.sends import beyond_stepped_aside
-from proxykit.sse import UsageReader, carries_usage, without_usage_events
-from proxykit.upstream import UpstreamResponse
+from proxykit.upstream.base import UpstreamResponse
+from proxykit.upstream.failures import map_httpx_error
+from proxykit.usage.reader import UsageReader, carries_usage, without_usage_events
 from proxykit.watch import AttemptWatch, AttemptWatches
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,8 @@ class Forwarder:
 
         Mount("/v1", app=Forwarder(resources))
 
-    Without a key-rotation layer in front, it takes the model's upstream keys in turn.
+    Without a key-rotation layer in front, it chooses the key itself by the same rule
+    (`proxykit.keys.choice`) and records what the answer does to it, without retrying.
     """
 
     def __init__(self, resources: Resources) -> None:
@@ -66,7 +66,7 @@ class Forwarder:
         if request is None:
             return
         try:
-            await self._forward(request, ctx, scope, receive, send)
+            await self._forward(request, ctx, scope, receive, send, learns=chosen_here)
         finally:
             if chosen_here and ctx.key is not None:
                 self.resources.keys.release(ctx.key)
@@ -79,19 +79,23 @@ class Forwarder:
             self._choose(await self._model(scope, receive, ctx), ctx)
         return self._upstream_request(scope, ctx)
 
-    async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> str:
+    async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> ModelConfig:
         config = self.resources.config
         await ensure_payload(scope, receive, config.limits.max_body_bytes)
         model = resolve_model(config, requested_model(ctx), ctx.allowed_models)
         ctx.set_model(model.name)
-        ctx.served_by = model.name
-        return model.name
+        return model
 
-    def _choose(self, model: str, ctx: RequestContext) -> None:
-        state = self.resources.keys.choose(model)
-        if state is None:
-            raise NoUpstreamAvailable(f"no upstream key of {model} is available")
+    def _choose(self, model: ModelConfig, ctx: RequestContext) -> None:
+        pool = self.resources.keys
+        chosen = choose_key(pool, model, tried=ctx.tried, skip_deployments=ctx.skip_deployments)
+        if chosen is None:
+            why = pool.why_none(model.name)
+            seconds = max(1, math.ceil(why.retry_after))
+            raise NoUpstreamAvailable(describe_none(why, seconds), headers={"retry-after": str(seconds)})
+        state, ctx.served_by = chosen
         ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
+        ctx.tried.append(state)
 
     def _upstream_request(self, scope: Scope, ctx: RequestContext) -> _UpstreamRequest:
         assert ctx.key is not None and ctx.payload is not None and ctx.body is not None
@@ -126,8 +130,11 @@ class Forwarder:
         return _UpstreamRequest(scope["method"], url, headers, body)
 
     async def _forward(
-        self, request: _UpstreamRequest, ctx: RequestContext, scope: Scope, receive: Receive, send: Send
+        self, request: _UpstreamRequest, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, *,
+        learns: bool,
     ) -> None:
+        """One attempt. `learns`: no rotation layer in front, so the answer's effect on the key
+        (a 429 rests it, ...) is recorded here."""
         ctx.finished = False
         ctx.attempt_started = time.perf_counter()
         task = self._current_task()
@@ -137,14 +144,18 @@ class Forwarder:
                 response = await self._open(request, ctx, watch, task)
             except ProxyError as error:
                 watch.stop()
-                ctx.record_attempt(error.outcome or "connect_error")
+                ctx.record_attempt(error.outcome or Outcome.CONNECT_ERROR)
+                if learns:
+                    self._learn(ctx, error.status, [])
                 await send_error(error, scope, receive, send)
                 return
+            if learns:
+                self._learn(ctx, response.status, response.raw_headers)
             try:
                 if is_event_stream := _is_event_stream(response):
-                    # Every event would resume each coroutine this request runs in, ~14 frames
-                    # through the layers (~0.8 µs an event, measured in-process); a task of its own
-                    # resumes two. A cancel of this task (the client left) reaches the one it awaits.
+                    # Every event would resume each coroutine this request runs in, a frame or two
+                    # per layer; a task of its own resumes two. A cancel of this task (the client
+                    # left) reaches the one it awaits.
                     await task.get_loop().create_task(self._relay(response, is_event_stream, ctx, send))
                 else:
                     await self._relay(response, is_event_stream, ctx, send)
@@ -156,6 +167,12 @@ class Forwarder:
             raise
         finally:
             watch.stop()
+
+    def _learn(self, ctx: RequestContext, status: int, raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
+        assert ctx.key is not None and ctx.outcome is not None
+        reason = learn(self.resources.keys, ctx.key, status, ctx.outcome, raw_headers, ctx.attempt_ttfb)
+        if reason:
+            logger.warning("upstream key %s is %s", ctx.key.alias, describe(reason))
 
     def _current_task(self) -> asyncio.Task[Any]:
         # asyncio.current_task() asks for the running loop, and on Python 3.11 that costs a
@@ -185,7 +202,7 @@ class Forwarder:
         now = time.perf_counter()
         ctx.ttfb, ctx.attempt_ttfb = now - ctx.started, now - ctx.attempt_started
         ctx.upstream_wait += ctx.attempt_ttfb
-        ctx.record_attempt(_outcome(response.status))
+        ctx.record_attempt(outcome_of(response.status))
         return response
 
     async def _relay(self, response: UpstreamResponse, is_event_stream: bool, ctx: RequestContext, send: Send) -> None:
@@ -266,7 +283,7 @@ class Forwarder:
             ctx.outcome = error.outcome
             logger.warning("upstream error response broke off: %s", error.message)
             if not started:  # nothing went out yet: the client gets proxykit's own error instead
-                await send_error_messages(error, ctx.request_id, send)
+                await send_error_to(send, error, ctx.request_id)
             return
         _finish(None, ctx)
         await send({"type": "http.response.body", "body": redactor.finish(), "more_body": False})
@@ -319,8 +336,8 @@ def _finish(reader: UsageReader | None, ctx: RequestContext, *, complete: bool =
 
 def _with_members(body: bytes, payload: dict[str, Any], changes: dict[str, Any]) -> bytes:
     """The body with `changes` made. Members the body does not have yet go in before its closing
-    brace, and the client's own bytes stay as they came: encoding the payload again costs ~200 µs
-    for a 70 KB conversation, and escapes every non-ASCII character. A member the body has
+    brace, and the client's own bytes stay as they came: encoding a long conversation again costs
+    more than the rest of the request, and escapes every non-ASCII character. A member the body has
     already means encoding it again (no duplicate keys)."""
     if changes.keys().isdisjoint(payload):
         end = body.rstrip()
@@ -335,11 +352,3 @@ def _may_ask_for_usage(payload: dict[str, Any]) -> bool:
     proxykit can add to; any other value is the upstream's to refuse, passed on untouched."""
     options = payload.get("stream_options")
     return options is None or (isinstance(options, dict) and not options.get("include_usage"))
-
-
-def _outcome(status: int) -> str:
-    if status < 400:
-        return "ok"
-    if status == 429:
-        return "http_429"
-    return "http_4xx" if status < 500 else "http_5xx"

@@ -16,7 +16,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from proxykit.keys import KeyPool, KeyStatus
+from proxykit.keys.pool import KeyPool
+from proxykit.keys.state import KeyStatus
 
 MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -64,8 +65,8 @@ class ProxyMetrics:
         registry.register(self.key_collector)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Requests add to plain dicts, folded into the metrics at every scrape and every second:
-        # prometheus-client takes a lock and a labels lookup per change, ~10% of the proxy's own
-        # CPU per request. Under `--workers N` any worker may answer a scrape, so each change is
+        # prometheus-client takes a lock and a labels lookup per change, a large share of the
+        # proxy's own work per request. Under `--workers N` any worker may answer a scrape, so each change is
         # written at once there.
         self._write_at_once = bool(os.environ.get(MULTIPROCESS_ENV))
         self._lock = threading.Lock()  # a host may collect the registry from another thread

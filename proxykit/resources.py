@@ -17,14 +17,15 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from proxykit.config import Config
-from proxykit.egress import ProxyRules
-from proxykit.keys import KeyPool, KeyState
+from proxykit.keys.pool import KeyPool
+from proxykit.keys.state import KeyState
+from proxykit.keys.upkeep import PoolUpkeep
+from proxykit.limits.base import MemoryRateLimiter, RateLimiter
+from proxykit.limits.redis import RedisConnection, RedisRateLimiter, SharedKeyStates
 from proxykit.metrics import ProxyMetrics
-from proxykit.ratelimit import MemoryRateLimiter, RateLimiter
-from proxykit.redis_backend import RedisConnection, RedisRateLimiter, SharedKeyStates
-from proxykit.transport import Http1Transport
-from proxykit.upkeep import PoolUpkeep
-from proxykit.upstream import upstream_for
+from proxykit.upstream.base import upstream_for
+from proxykit.upstream.proxy import ProxyRules
+from proxykit.upstream.transport import Http1Transport
 
 logger = logging.getLogger(__name__)
 

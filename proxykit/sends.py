@@ -1,9 +1,9 @@
 """`send` wrappers that step aside for the rest of a response once they have seen what they need.
 
 Every proxykit layer wraps `send` to look at a response's start (the metrics layer also at its
-first body chunk). Each chunk of a long stream would still pass through all of them: ~6
-coroutine calls per event, enough at 64 concurrent streams for events to queue up and reach the
-client two to a read. A wrapper that passes the rest of a response on unchanged says so with
+first body chunk). Each chunk of a long stream would still pass through all of them, a
+coroutine call per layer per event: enough, with many concurrent streams, for events to queue
+up and reach the client two to a read. A wrapper that passes the rest of a response on unchanged says so with
 `step_aside`, and the forwarder sends the rest of the body past it. A wrapper that is not
 proxykit's never says so, so whatever it does to a body still happens.
 

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import proxykit.metrics
 from proxykit import DemoUpstream, create_app
-from proxykit.config_reader import config_from_dict
+from proxykit.config.reader import config_from_dict
 from proxykit.demo import demo_config
-from proxykit.keys import KeyPool
+from proxykit.keys.pool import KeyPool
 from proxykit.metrics import ProxyMetrics
 from tests.conftest import (
     CHAT,

@@ -9,7 +9,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxykit._utils import route_path
 from proxykit.config import ClientKey
 from proxykit.context import ensure_context
-from proxykit.errors import InvalidApiKey, send_error
+from proxykit.errors import InvalidApiKey
+from proxykit.respond import send_error
 
 
 class AuthMiddleware:

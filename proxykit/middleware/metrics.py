@@ -12,7 +12,7 @@ from proxykit.config import Pricing
 from proxykit.context import RequestContext, ensure_context
 from proxykit.metrics import Change, Observation, ProxyMetrics
 from proxykit.sends import step_aside
-from proxykit.tokens import prompt_estimate, token_count
+from proxykit.usage import accounting
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +90,17 @@ class MetricsMiddleware:
         metrics.record(counts, observations)
 
     def _count_tokens(self, ctx: RequestContext, counts: list[Change]) -> None:
-        usage = ctx.usage
-        if usage is None and ctx.disconnected and ctx.sent_events:
-            # A stream the client abandoned never got its usage event: count what was sent, one
-            # token an event, and the prompt at ~4 bytes a token.
-            usage = {"prompt_tokens": prompt_estimate(ctx.body or b""), "completion_tokens": ctx.sent_events}
-        if not usage:
+        if ctx.usage is not None:
+            tokens = accounting.counts(ctx.usage)
+        elif ctx.disconnected and ctx.sent_events:
+            tokens = accounting.abandoned_stream(ctx.body or b"", ctx.sent_events)
+        else:
             return
-        prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
-        details = usage.get("completion_tokens_details")
-        reasoning = token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
         metrics, model, client = self.metrics, ctx.model, ctx.client
-        for kind, count in (("prompt", prompt), ("completion", completion), ("reasoning", reasoning)):
+        for kind, count in (("prompt", tokens.prompt), ("completion", tokens.completion),
+                            ("reasoning", tokens.reasoning)):
             if count:
                 counts.append((metrics.tokens, (model, client, kind), float(count)))
         pricing = self.pricing.get(ctx.served_by or model)
         if pricing is not None:
-            cost = prompt * pricing.input_per_1m / 1e6 + completion * pricing.output_per_1m / 1e6
-            counts.append((metrics.cost, (model, client), cost))
-
+            counts.append((metrics.cost, (model, client), accounting.cost_usd(tokens, pricing)))

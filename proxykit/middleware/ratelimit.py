@@ -14,9 +14,10 @@ from proxykit.config import ClientKey
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import RateLimitExceeded
 from proxykit.headers import set_response_headers
-from proxykit.ratelimit import Admission, RateLimiter
+from proxykit.limits.base import Admission, RateLimiter
+from proxykit.outcomes import Outcome
 from proxykit.sends import step_aside
-from proxykit.tokens import MAX_TOKENS, prompt_estimate, token_count
+from proxykit.usage.accounting import MAX_TOKENS, abandoned_stream, counts, prompt_estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +120,11 @@ def _estimate(ctx: RequestContext, body: bytes) -> int:
 
 
 def _tokens_used(ctx: RequestContext, estimate: int) -> int:
-    usage = ctx.usage
-    if usage:
-        if total := token_count(usage.get("total_tokens")):
-            return total
-        return token_count(usage.get("prompt_tokens")) + token_count(usage.get("completion_tokens"))
+    if ctx.usage:
+        return counts(ctx.usage).total
     if ctx.disconnected and ctx.sent_events:
-        return prompt_estimate(ctx.body or b"") + ctx.sent_events  # what the abandoned stream used
-    if ctx.outcome != "ok":
+        return abandoned_stream(ctx.body or b"", ctx.sent_events).total  # what the abandoned stream used
+    if ctx.outcome is not Outcome.OK:
         return 0  # no upstream answer worth tokens
     return estimate  # an upstream that reports no usage: keep the reservation
 

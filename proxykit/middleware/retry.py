@@ -15,6 +15,7 @@ from proxykit.config import Config
 from proxykit.context import RequestContext, ensure_context
 from proxykit.durations import retry_after
 from proxykit.headers import set_response_headers
+from proxykit.outcomes import CONNECTION_FAILURES, Outcome
 from proxykit.sends import step_aside
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ class RetryPolicy:
             retry_on=frozenset(retry.retry_on), deadline=config.timeouts.first_byte,
         )
 
-    def retryable(self, status: int, outcome: str | None) -> bool:
+    def retryable(self, status: int, outcome: Outcome | None) -> bool:
         if outcome is None:
             return False  # proxykit answered by itself: no upstream was asked
-        if outcome in ("connect_error", "timeout"):
+        if outcome in CONNECTION_FAILURES:
             return outcome in self.retry_on
         # An upstream 401/403 is the key's fault, so another key is always worth a try.
         return status in (401, 403) or status in self.retry_on

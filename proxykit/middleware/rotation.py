@@ -11,22 +11,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxykit.body import ensure_payload, or_answer, requested_model, wait_unless_disconnected
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import NoUpstreamAvailable, send_error
-from proxykit.keys import KeyPool, KeyState, NoKey
-from proxykit.ratelimit import RateLimiter
+from proxykit.errors import NoUpstreamAvailable
+from proxykit.keys.choice import choose_key, describe, describe_none, learn, soonest_return
+from proxykit.keys.pool import KeyPool
+from proxykit.keys.state import KeyState, NoKey
+from proxykit.limits.base import RateLimiter
+from proxykit.outcomes import CONNECTION_FAILURES, RestReason
+from proxykit.respond import send_error
 from proxykit.routing import resolve_model
 from proxykit.sends import step_aside
 
 logger = logging.getLogger(__name__)
-
-_REASONS = {
-    "429": "rate limited (429)",
-    "failures": "failing",
-    "auth_error": "set aside after 401/403",
-    "exhausted": "out of upstream quota",
-    "full": "at their rpm/tpm limit",
-    "resting": "resting",
-}
 
 
 class KeyRotationMiddleware:
@@ -64,7 +59,7 @@ class KeyRotationMiddleware:
         if ctx.disconnected:
             return
         if state is None:
-            ctx.no_upstream, ctx.next_key_in = True, self._soonest_return(model)
+            ctx.no_upstream, ctx.next_key_in = True, soonest_return(self.pool, model)
             await send_error(_no_upstream(self.pool.why_none(model.name)), scope, receive, send)
             return
         ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
@@ -83,25 +78,11 @@ class KeyRotationMiddleware:
             self.pool.release(state)
 
     def _choose(self, model: ModelConfig, ctx: RequestContext) -> KeyState | None:
-        """Keys this request has not tried come first, then tried ones that are still available
-        (the retry layer has backed off meanwhile); deployments that failed to connect are skipped
-        only while another deployment has a key."""
-        names = (model.name, *model.fallbacks)
-        passes: list[tuple[list[KeyState], set[str]]] = [(ctx.tried, ctx.skip_deployments)]
-        if ctx.tried:
-            passes.append(([], ctx.skip_deployments))
-        if ctx.skip_deployments:
-            passes += [(ctx.tried, set()), ([], set())]
-        for exclude, skip in passes:
-            for name in names:
-                state = self.pool.choose(name, exclude=exclude, skip_deployments=skip)
-                if state is not None:
-                    ctx.served_by = name
-                    return state
-        return None
-
-    def _soonest_return(self, model: ModelConfig) -> float:
-        return min(self.pool.why_none(name).retry_after for name in (model.name, *model.fallbacks))
+        chosen = choose_key(self.pool, model, tried=ctx.tried, skip_deployments=ctx.skip_deployments)
+        if chosen is None:
+            return None
+        state, ctx.served_by = chosen
+        return state
 
     async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> ModelConfig:
         await ensure_payload(scope, receive, self.max_body_bytes)
@@ -127,7 +108,7 @@ class KeyRotationMiddleware:
         """Every key is at its rpm/tpm: wait up to `queue_timeout` for one to make room. Resting
         keys are not waited for, and a client that leaves stops waiting."""
         deadline = time.monotonic() + self.queue_timeout
-        while (why := self.pool.why_none(model.name)).reasons == ("full",):
+        while (why := self.pool.why_none(model.name)).reasons == (RestReason.FULL,):
             wait = min(why.retry_after, deadline - time.monotonic())
             if wait <= 0:
                 return None
@@ -138,26 +119,14 @@ class KeyRotationMiddleware:
         return None
 
     def _learn(self, state: KeyState, ctx: RequestContext, message: Message) -> None:
-        status: int = message["status"]
-        outcome = ctx.outcome
-        if status in (401, 403):
-            outcome = "auth_error"  # the key's fault, not the client's
-        elif outcome in ("connect_error", "timeout"):
+        assert ctx.outcome is not None
+        if ctx.outcome in CONNECTION_FAILURES:
             ctx.skip_deployments.add(state.deployment.name)  # its other keys would not connect either
-        headers = {  # only what key state reads: rate-limit and retry-after headers
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in message["headers"] if name.startswith((b"x-ratelimit-", b"retry-after"))
-        }
-        reason = self.pool.record(state, outcome or "ok", headers, ctx.attempt_ttfb)
+        reason = learn(self.pool, state, message["status"], ctx.outcome, message["headers"], ctx.attempt_ttfb)
         if reason:
-            logger.warning("upstream key %s is %s", state.alias, _REASONS.get(reason, reason))
+            logger.warning("upstream key %s is %s", state.alias, describe(reason))
 
 
 def _no_upstream(why: NoKey) -> NoUpstreamAvailable:
     seconds = max(1, math.ceil(why.retry_after))
-    reasons = ", ".join(_REASONS.get(reason, reason) for reason in why.reasons) or "unavailable"
-    message = (
-        f"no upstream key of {why.model} is available: all {why.total} keys are {reasons}; "
-        f"the first returns in {seconds} s"
-    )
-    return NoUpstreamAvailable(message, headers={"retry-after": str(seconds)})
+    return NoUpstreamAvailable(describe_none(why, seconds), headers={"retry-after": str(seconds)})

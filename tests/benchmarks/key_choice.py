@@ -9,6 +9,7 @@ import time
 
 from proxykit import KeyPool, config_from_dict
 from proxykit.config import ROUTING_STRATEGIES
+from proxykit.outcomes import Outcome
 
 ROUNDS = 100_000
 
@@ -29,7 +30,7 @@ def microseconds_per_choice(strategy: str, keys: int) -> float:
     for _ in range(ROUNDS):
         state = key_pool.choose("m")
         assert state is not None
-        key_pool.record(state, "ok", ttfb=0.01)
+        key_pool.record(state, Outcome.OK, ttfb=0.01)
         key_pool.release(state)
     return (time.perf_counter() - start) / ROUNDS * 1e6
 

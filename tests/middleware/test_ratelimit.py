@@ -10,7 +10,6 @@ import anyio
 import httpx
 import pytest
 
-from proxykit.ratelimit import Admission, MemoryRateLimiter
 from tests.conftest import CHAT, respx_proxy, serve, streamed
 from tests.keyed_upstream import KeyedUpstream
 
@@ -84,34 +83,6 @@ async def test_max_tokens_is_reserved_up_front() -> None:
         large = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1200}, headers={"x-api-key": A})
     assert (small.status_code, large.status_code) == (200, 429)
     assert "tokens per minute" in large.json()["error"]["message"]
-
-
-async def test_memory_limiter_settles_charges_and_refunds() -> None:
-    clock = [0.0]
-    limiter = MemoryRateLimiter(clock=lambda: clock[0])
-
-    async def admit(key: str, amount: float) -> Admission:
-        [admission] = await limiter.admit_all([(key, amount, 100)])
-        return admission
-
-    assert (await admit("k", 50)).allowed
-    await limiter.settle("k", 40, limit=100)  # used 90 in all
-    assert not (await admit("k", 20)).allowed
-    await limiter.settle("k", -80, limit=100)  # a refund
-    admission = await admit("k", 20)
-    assert admission.allowed and admission.remaining == 70
-    clock[0] += 60
-    assert (await admit("k", 100)).allowed  # a minute later the bucket is empty
-
-
-async def test_admit_all_takes_every_bucket_or_none() -> None:
-    limiter = MemoryRateLimiter(clock=lambda: 0.0)
-    first = await limiter.admit_all([("requests", 1, 10), ("tokens", 90, 100)])
-    refused = await limiter.admit_all([("requests", 1, 10), ("tokens", 20, 100)])  # tokens do not fit
-    after = await limiter.admit_all([("requests", 1, 10)])
-    assert [a.allowed for a in first] == [True, True]
-    assert [a.allowed for a in refused] == [True, False]
-    assert after[0].remaining == 8  # the refused request took nothing from the requests bucket
 
 
 async def test_full_upstream_keys_queue_then_503() -> None:

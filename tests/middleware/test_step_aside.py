@@ -7,7 +7,7 @@ import pytest
 import respx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.config_reader import config_from_dict
+from proxykit.config.reader import config_from_dict
 from proxykit.forward import Forwarder
 from proxykit.middleware.metrics import MetricsMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware

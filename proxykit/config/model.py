@@ -1,0 +1,148 @@
+"""Typed configuration: frozen dataclasses (CONTRACT section 3). `proxykit.config.reader` reads
+them from YAML or a dict and reports every problem with its field path.
+
+    config = load_config("proxykit.yaml")   # from proxykit import load_config
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+ROUTING_STRATEGIES: Final = ("usage-based", "round-robin", "least-busy", "weighted", "latency-based")
+RETRY_REASONS: Final = frozenset({"connect_error", "timeout"})
+LIMIT_BACKENDS: Final = ("memory", "redis")
+
+
+class ConfigError(Exception):
+    """A config that cannot run. `problems` holds one `field.path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A key that clients present to proxykit. `name` is what logs and metrics show."""
+
+    name: str
+    key: str = field(repr=False)
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] | None = None  # glob allow-list; None allows every model
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    keys: tuple[ClientKey, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamKey:
+    """One upstream API key; `alias` (`<deployment>#<i>` or a configured name) stands in for it."""
+
+    alias: str
+    secret: str = field(repr=False)  # "" for an upstream that takes no key (a local vLLM)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    name: str
+    base_url: str
+    model: str  # the upstream's model id
+    api_keys: tuple[UpstreamKey, ...]
+    rpm: int | None = None
+    tpm: int | None = None
+    weight: float = 1.0
+    max_tokens: int | None = None
+    keys_file: str | None = None  # set when the keys came from `file:PATH`
+    proxy: str | None = field(default=None, repr=False)  # egress proxy URL (may carry a password);
+    # "none" = direct; None = the HTTPS_PROXY / HTTP_PROXY / NO_PROXY environment
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    input_per_1m: float = 0.0
+    output_per_1m: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    deployments: tuple[Deployment, ...]
+    fallbacks: tuple[str, ...] = ()
+    pricing: Pricing | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    strategy: str = "usage-based"
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffConfig:
+    initial: float = 0.2
+    max: float = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    attempts: int = 3
+    backoff: BackoffConfig = BackoffConfig()
+    retry_on: tuple[int | str, ...] = (429, 500, 502, 503, 504, "connect_error", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class CooldownConfig:
+    on_429: float = 60.0
+    on_auth_error: float = 3600.0
+    after_failures: int = 3
+    seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutConfig:
+    """`first_byte`: until the upstream's headers arrive. `read`: the longest silence between chunks."""
+
+    connect: float = 5.0
+    first_byte: float = 120.0
+    read: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_body_bytes: int = 20_000_000
+    backend: str = "memory"
+    queue_timeout: float = 5.0  # how long a request waits for an upstream key at its rpm/tpm to make room
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may carry a password
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    path: str = "/metrics"
+    require_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    models: tuple[ModelConfig, ...]
+    auth: AuthConfig = AuthConfig()
+    routing: RoutingConfig = RoutingConfig()
+    retry: RetryConfig = RetryConfig()
+    cooldown: CooldownConfig = CooldownConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    _by_name: dict[str, ModelConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {model.name: model for model in self.models})  # frozen: set once
+
+    def model(self, name: str) -> ModelConfig | None:
+        return self._by_name.get(name)
