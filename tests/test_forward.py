@@ -7,9 +7,11 @@ import json
 import httpx
 import pytest
 import respx
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
-from proxykit import create_app
-from tests.conftest import CHAT, UPSTREAM_KEYS, make_config, respx_proxy, serve, streamed
+from proxykit import Forwarder, Resources, config_from_dict, create_app
+from tests.conftest import CHAT, UPSTREAM_KEYS, in_process, make_config, respx_proxy, serve, streamed
 from tests.raw_upstream import raw_request
 
 pytestmark = pytest.mark.anyio
@@ -259,3 +261,23 @@ async def test_an_upstream_error_that_echoes_the_key_reaches_the_client_with_its
     assert secret not in response.text
     assert response.text.count("chat#0") == 2
     assert len(response.content) == len(body) - 2 * (len(secret) - len("chat#0"))
+
+
+async def test_the_forwarder_alone_chooses_by_the_pool_and_rests_a_key_that_got_a_429() -> None:
+    router = respx.MockRouter(assert_all_called=True, base_url="http://upstream.test/v1", using=None)
+    keys_used: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        keys_used.append(request.headers["authorization"])
+        if request.headers["authorization"] == f"Bearer {UPSTREAM_KEYS[0]}":
+            return streamed(429, b'{"error": {"message": "slow down"}}', headers={"retry-after": "30"})
+        return streamed(200, b'{"ok": true}')
+
+    router.post("/chat/completions").mock(side_effect=answer)
+    config = config_from_dict(make_config(routing={"strategy": "round-robin"}))
+    resources = Resources(config, transport=httpx.MockTransport(router.async_handler))
+    app = Starlette(routes=[Mount("/v1", app=Forwarder(resources))], lifespan=resources.lifespan)
+    async with in_process(app) as client:
+        statuses = [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(4)]
+    assert statuses == [429, 200, 200, 200]  # no retry layer: the 429 goes out, and its key rests
+    assert keys_used == [f"Bearer {UPSTREAM_KEYS[0]}"] + [f"Bearer {UPSTREAM_KEYS[1]}"] * 3
