@@ -7,7 +7,10 @@ import json
 import signal
 import socket
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import httpx
@@ -16,7 +19,7 @@ import uvicorn
 
 from proxykit import create_app
 from proxykit.serving import DrainingServer
-from tests.conftest import CHAT, in_process, make_config, proxykit_process, serve
+from tests.conftest import CHAT, ProxykitProcess, in_process, make_config, proxykit_process, serve
 from tests.upstreams import GatedStream
 
 pytestmark = pytest.mark.anyio
@@ -61,73 +64,72 @@ def connect_refused(url: str) -> bool:
     return False
 
 
+class InFlight(NamedTuple):
+    upstream: GatedStream  # release the rest of the stream with it
+    proxy: ProxykitProcess
+    client: httpx.AsyncClient  # the stream's own client, on its one connection
+    chunks: AsyncIterator[bytes]  # the rest of the stream
+    first: bytes
+
+
+@asynccontextmanager
+async def a_stream_in_flight(tmp_path: Path, *serve_args: str, events: int = 3) -> AsyncIterator[InFlight]:
+    """A real `proxykit serve` relaying a stream whose first event has arrived."""
+    upstream = GatedStream(events=events)
+    try:
+        async with serve(upstream, lifespan="off") as upstream_url:
+            path = tmp_path / "c.yaml"
+            path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
+            async with proxykit_process(tmp_path, "--config", str(path), *serve_args) as proxy:
+                async with httpx.AsyncClient(timeout=30) as client:
+                    body = {**CHAT, "stream": True}
+                    async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+                        chunks = response.aiter_raw()
+                        upstream.release(0)
+                        yield InFlight(upstream, proxy, client, chunks, await chunks.__anext__())
+    finally:
+        for n in range(events + 1):  # an upstream still waiting must let its server stop
+            upstream.release(n)
+
+
 @pytest.mark.parametrize("workers", [pytest.param(1, id="one-process"), pytest.param(2, id="workers")])
 async def test_sigterm_lets_a_stream_in_flight_finish_then_exits(tmp_path: Path, workers: int) -> None:
-    upstream = GatedStream(events=3)
-    async with serve(upstream, lifespan="off") as upstream_url:
-        path = tmp_path / "c.yaml"
-        path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
-        args = ("--config", str(path), "--workers", str(workers))
-        async with proxykit_process(tmp_path, *args) as proxy, httpx.AsyncClient(timeout=30) as client:
-            body = {**CHAT, "stream": True}
-            async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
-                chunks = response.aiter_raw()
-                upstream.release(0)
-                first = await chunks.__anext__()
-                proxy.process.send_signal(signal.SIGTERM)
-                with anyio.fail_after(10):  # new connections stop while the stream goes on
-                    while not connect_refused(proxy.url):
-                        await anyio.sleep(0.1)
-                for n in (1, 2, 3):
-                    upstream.release(n)
-                rest = b"".join([chunk async for chunk in chunks])
-            with anyio.fail_after(20):
-                while proxy.process.poll() is None:
-                    await anyio.sleep(0.1)
+    async with a_stream_in_flight(tmp_path, "--workers", str(workers)) as (upstream, proxy, _, chunks, first):
+        proxy.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):  # new connections stop while the stream goes on
+            while not connect_refused(proxy.url):
+                await anyio.sleep(0.1)
+        for n in (1, 2, 3):
+            upstream.release(n)
+        rest = b"".join([chunk async for chunk in chunks])
+        with anyio.fail_after(20):
+            while proxy.process.poll() is None:
+                await anyio.sleep(0.1)
     assert first.startswith(b"data: ")
     assert rest.endswith(b"data: [DONE]\n\n")  # the whole stream, after the SIGTERM
     assert proxy.process.returncode == 0
 
 
 async def test_a_stream_longer_than_the_grace_period_is_cut_and_the_process_exits(tmp_path: Path) -> None:
-    upstream = GatedStream(events=3)
-    async with serve(upstream, lifespan="off") as upstream_url:
-        path = tmp_path / "c.yaml"
-        path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
-        args = ("--config", str(path), "--timeout-graceful-shutdown", "1")
-        async with proxykit_process(tmp_path, *args) as proxy, httpx.AsyncClient(timeout=30) as client:
-            async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
-                chunks = r.aiter_raw()
-                upstream.release(0)
-                await chunks.__anext__()
-                proxy.process.send_signal(signal.SIGTERM)
-                with pytest.raises(httpx.RemoteProtocolError):  # cut, never seen as complete
-                    async for _ in chunks:
-                        pass
-            try:
-                proxy.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pytest.fail("the process outlived its grace period")
-    for n in range(4):
-        upstream.release(n)
+    async with a_stream_in_flight(tmp_path, "--timeout-graceful-shutdown", "1") as flight:
+        proxy, chunks = flight.proxy, flight.chunks
+        proxy.process.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.RemoteProtocolError):  # cut, never seen as complete
+            async for _ in chunks:
+                pass
+        try:
+            proxy.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the process outlived its grace period")
 
 
 async def test_limit_concurrency_refuses_what_is_past_it_with_503(tmp_path: Path) -> None:
-    upstream = GatedStream(events=1)
-    async with serve(upstream, lifespan="off") as upstream_url:
-        path = tmp_path / "c.yaml"
-        path.write_text(json.dumps(make_config(f"{upstream_url}/v1")))
-        args = ("--config", str(path), "--limit-concurrency", "2")
-        async with proxykit_process(tmp_path, *args) as proxy, httpx.AsyncClient(timeout=30) as client:
-            async with client.stream("POST", f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
-                chunks = r.aiter_raw()
-                upstream.release(0)
-                await chunks.__anext__()
-                async with httpx.AsyncClient(timeout=30) as other:  # a second connection
-                    refused = await other.get(f"{proxy.url}/health")
-                upstream.release(1)
-                async for _ in chunks:
-                    pass
-            after = await client.get(f"{proxy.url}/health")
+    async with a_stream_in_flight(tmp_path, "--limit-concurrency", "2", events=1) as flight:
+        async with httpx.AsyncClient(timeout=30) as other:  # a second connection
+            refused = await other.get(f"{flight.proxy.url}/health")
+        flight.upstream.release(1)
+        async for _ in flight.chunks:
+            pass
+        after = await flight.client.get(f"{flight.proxy.url}/health")  # the stream's connection, now free
     assert refused.status_code == 503
     assert after.status_code == 200

@@ -2,48 +2,32 @@
 every problem named by its field path (`reader`, over the typed field reads of `fields`).
 
     config = load_config("proxykit.yaml")
+
+The names other subsystems use are here; the rest are in `proxykit.config.model`.
 """
 
 from proxykit.config.model import (
-    LIMIT_BACKENDS,
-    RETRY_REASONS,
     ROUTING_STRATEGIES,
-    AuthConfig,
-    BackoffConfig,
     ClientKey,
     Config,
     ConfigError,
     CooldownConfig,
     Deployment,
-    LimitsConfig,
-    MetricsConfig,
     ModelConfig,
     Pricing,
-    RetryConfig,
-    RoutingConfig,
-    TimeoutConfig,
     UpstreamKey,
 )
 from proxykit.config.reader import config_from_dict, load_config, read_key_file
 
 __all__ = [
-    "LIMIT_BACKENDS",
-    "RETRY_REASONS",
     "ROUTING_STRATEGIES",
-    "AuthConfig",
-    "BackoffConfig",
     "ClientKey",
     "Config",
     "ConfigError",
     "CooldownConfig",
     "Deployment",
-    "LimitsConfig",
-    "MetricsConfig",
     "ModelConfig",
     "Pricing",
-    "RetryConfig",
-    "RoutingConfig",
-    "TimeoutConfig",
     "UpstreamKey",
     "config_from_dict",
     "load_config",
