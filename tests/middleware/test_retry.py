@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxykit import create_app
 from tests.conftest import CHAT, serve
@@ -64,11 +64,18 @@ def config_for(url: str, api_keys: list[str] | None = None, **retry: Any) -> dic
     }
 
 
+async def through_proxy(
+    upstream: ASGIApp, api_keys: list[str] | None = None, *, requests: int = 1,
+) -> list[httpx.Response]:
+    """`requests` chat completions, one after another, through a real proxy in front of `upstream`."""
+    async with serve(upstream, lifespan="off") as url:
+        async with serve(create_app(config_for(url, api_keys))) as proxy, httpx.AsyncClient(base_url=proxy) as client:
+            return [await client.post("/v1/chat/completions", json=CHAT) for _ in range(requests)]
+
+
 async def test_a_keyless_deployment_is_retried_on_itself() -> None:
     upstream = EveryOther()
-    async with serve(upstream, lifespan="off") as url:
-        async with serve(create_app(config_for(url))) as proxy, httpx.AsyncClient(base_url=proxy) as client:
-            responses = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(10)]
+    responses = await through_proxy(upstream, requests=10)
     assert [response.status_code for response in responses] == [200] * 10
     assert upstream.calls > 10  # the 503s were retried, on the one upstream there is
     retried = [r.headers["x-proxykit-attempts"] for r in responses if "," in r.headers["x-proxykit-attempts"]]
@@ -77,10 +84,7 @@ async def test_a_keyless_deployment_is_retried_on_itself() -> None:
 
 async def test_a_two_key_pool_whose_keys_each_fail_once_is_tried_a_third_time() -> None:
     upstream = Scripted(500, 500)
-    async with serve(upstream, lifespan="off") as url:
-        config = config_for(url, ["sk-a-0000", "sk-b-1111"])
-        async with serve(create_app(config)) as proxy, httpx.AsyncClient(base_url=proxy) as client:
-            response = await client.post("/v1/chat/completions", json=CHAT)
+    [response] = await through_proxy(upstream, ["sk-a-0000", "sk-b-1111"])
     assert response.status_code == 200
     assert response.headers["x-proxykit-attempts"] == "chat#0:http_5xx,chat#1:http_5xx,chat#0:ok"
     assert upstream.keys == ["Bearer sk-a-0000", "Bearer sk-b-1111", "Bearer sk-a-0000"]
@@ -88,20 +92,14 @@ async def test_a_two_key_pool_whose_keys_each_fail_once_is_tried_a_third_time() 
 
 async def test_a_resting_key_that_returns_within_backoff_max_is_waited_for() -> None:
     upstream = Scripted(429, retry_after="1")  # one key: it rests 1 s, within backoff.max
-    async with serve(upstream, lifespan="off") as url:
-        async with serve(create_app(config_for(url, ["sk-only-0000"]))) as proxy:
-            async with httpx.AsyncClient(base_url=proxy) as client:
-                response = await client.post("/v1/chat/completions", json=CHAT)
+    [response] = await through_proxy(upstream, ["sk-only-0000"])
     assert response.status_code == 200
     assert response.headers["x-proxykit-attempts"] == "chat#0:http_429,chat#0:ok"
 
 
 async def test_a_key_resting_past_backoff_max_ends_with_the_upstream_429() -> None:
     upstream = Scripted(429, retry_after="60")
-    async with serve(upstream, lifespan="off") as url:
-        async with serve(create_app(config_for(url, ["sk-only-0000"]))) as proxy:
-            async with httpx.AsyncClient(base_url=proxy) as client:
-                response = await client.post("/v1/chat/completions", json=CHAT)
+    [response] = await through_proxy(upstream, ["sk-only-0000"])
     assert response.status_code == 429
     assert response.headers["retry-after"] == "60"
     assert upstream.calls == 1
@@ -120,11 +118,7 @@ async def test_a_client_that_leaves_stops_the_wait_for_a_resting_key() -> None:
 
 async def test_a_huge_retry_after_rests_the_key_for_a_day_at_most() -> None:
     upstream = Scripted(429, retry_after="1e300")
-    async with serve(upstream, lifespan="off") as url:
-        async with serve(create_app(config_for(url, ["sk-only-0000"]))) as proxy:
-            async with httpx.AsyncClient(base_url=proxy) as client:
-                first = await client.post("/v1/chat/completions", json=CHAT)
-                second = await client.post("/v1/chat/completions", json=CHAT)
+    first, second = await through_proxy(upstream, ["sk-only-0000"], requests=2)
     assert first.status_code == 429
     assert second.status_code == 503  # the key rests: no attempt could be made
     assert int(second.headers["retry-after"]) <= 86_400
