@@ -5,16 +5,21 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench clean
 
+# The demo needs only proxykit itself; tests, lint and the benchmark need the test toolchain too.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/proxykit serve --demo
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check proxykit tests examples
 	$(BIN)/mypy
 
@@ -30,7 +35,7 @@ test: lint
 LITELLM_VENV ?= /tmp/proxykit-bench-litellm
 BENCH_ARGS ?=
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed-test
 	command -v wrk >/dev/null && command -v redis-server >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq wrk redis-server)
 	test -x $(LITELLM_VENV)/bin/litellm || ($(PYTHON) -m venv $(LITELLM_VENV) && \

@@ -6,7 +6,10 @@ goes to the forwarding layers, anything else to proxykit's own routes:
 
     outer:       RequestId -> Metrics -> Auth -> ForwardingDispatch
     forwarding:  RateLimit -> Retry -> KeyRotation -> Forwarder
-    routes:      /health, /health/ready, /metrics, /v1/models, /v1/models/{id}
+    routes:      /health, /health/ready, /metrics, /v1/models, /v1/models/{id} (and without /v1)
+
+OpenAI's routes are served without `/v1` too (`/chat/completions`, `/models`, ...), for clients
+whose base URL has none.
 
 Three fast paths keep proxykit's own cost per request small, each in one place:
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from starlette.applications import Starlette
@@ -34,7 +37,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxykit._utils import route_path
 from proxykit.api.public import Endpoints
 from proxykit.config import Config
 from proxykit.config.reader import config_from_dict, load_config
@@ -47,11 +49,18 @@ from proxykit.middleware.ratelimit import ClientLimits, RateLimitMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
 from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
 from proxykit.middleware.rotation import KeyRotationMiddleware
+from proxykit.paths import route_path
 from proxykit.resources import Resources
 
 logger = logging.getLogger(__name__)
 
 _OPEN_PATHS = ("/health", "/health/ready")  # probes carry no key
+# The first path segments of OpenAI's API (and Anthropic's `messages`): forwarded without `/v1`
+# too, as LiteLLM's proxy does, for clients whose base URL has none.
+OPENAI_ROOTS: Final = frozenset({
+    "chat", "completions", "embeddings", "responses", "audio", "images", "moderations", "messages", "rerank",
+    "files", "batches", "uploads", "fine_tuning", "vector_stores", "assistants", "threads",
+})
 
 
 def create_app(
@@ -74,6 +83,8 @@ def create_app(
         Route("/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
+        Route("/models", endpoints.models, methods=["GET"]),  # for clients whose base URL has no /v1
+        Route("/models/{name:path}", endpoints.model, methods=["GET"]),
     ]
     if resources.metrics is not None:
         routes.insert(0, Route(config.metrics.path, endpoints.metrics, methods=["GET"]))
@@ -135,15 +146,20 @@ class ForwardingDispatch:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if path.startswith("/v1/") and not _is_model_list(scope["method"], path):
-            scope = {**scope, "root_path": scope.get("root_path", "") + "/v1"}
-            await self.forwarding(scope, receive, send)
+        if path.startswith("/v1/"):
+            if not _is_model_list(scope["method"], path[3:]):
+                scope = {**scope, "root_path": scope.get("root_path", "") + "/v1"}
+                await self.forwarding(scope, receive, send)
+                return
+        elif path.split("/", 2)[1] in OPENAI_ROOTS and not _is_model_list(scope["method"], path):
+            await self.forwarding(scope, receive, send)  # a client whose base URL has no /v1
             return
         await self.app(scope, receive, send)
 
 
 def _is_model_list(method: str, path: str) -> bool:
-    return method in ("GET", "HEAD") and (path == "/v1/models" or path.startswith("/v1/models/"))
+    """`path` below /v1, if it had one."""
+    return method in ("GET", "HEAD") and (path == "/models" or path.startswith("/models/"))
 
 
 def _as_config(config: Config | dict[str, Any] | str | os.PathLike[str]) -> Config:

@@ -1,4 +1,5 @@
-"""`proxykit serve` and `proxykit check`. Exit codes: 0 fine, 2 a bad config or bad arguments."""
+"""`proxykit serve` and `proxykit check`. Exit codes: 0 fine, 2 a bad config or bad arguments,
+3 the address to listen on is taken or not allowed."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
+import yaml
 from starlette.applications import Starlette
 
-from proxykit._utils import printable_url
+from proxykit import __version__
 from proxykit.app import create_app
-from proxykit.config import Config, ConfigError
+from proxykit.config import Config, ConfigError, Deployment
+from proxykit.config.litellm import import_litellm
 from proxykit.config.reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
-from proxykit.logs import configure_logging
+from proxykit.logs import configure_logging, uvicorn_log_config
 from proxykit.metrics import MULTIPROCESS_ENV
 from proxykit.serving import (
     DrainingServer,
@@ -32,18 +37,39 @@ from proxykit.serving import (
     drain_on_exit_signals,
     exit_quietly_after_sigterm,
 )
+from proxykit.upstream.target import printable_url
 
 logger = logging.getLogger("proxykit")
 
 CONFIG_ENV = "PROXYKIT_CONFIG"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
+EXIT_CANNOT_LISTEN = 3
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on, found before anything is printed or started; None
+    when it can (the server binds it again right after, as uvicorn does)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc.strerror or "no such address"
+    family, kind, protocol, _, address = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return check(args.file)
+    if args.command == "import-litellm":
+        return import_from_litellm(args.file)
     try:
         return serve(args)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
@@ -52,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxykit", description="An ASGI gateway for OpenAI-compatible APIs.")
+    parser.add_argument("--version", action="version", version=f"proxykit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the proxy under uvicorn")
     serve_parser.add_argument("--config", help=f"the YAML config (default: ${CONFIG_ENV})")
@@ -61,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--workers", type=int, default=1)
     serve_parser.add_argument("--log-level", default="info",
                               choices=["critical", "error", "warning", "info", "debug"])
+    serve_parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                              help="json: every line of output is one JSON object (default: %(default)s)")
     limits = ServerLimits()
     serve_parser.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes, metavar="N",
                               help="request line and headers larger than this get 431 (default: %(default)s)")
@@ -79,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "(default: %(default)s)")
     check_parser = commands.add_parser("check", help="validate a config and summarise it")
     check_parser.add_argument("file")
+    import_parser = commands.add_parser("import-litellm", help="print a proxykit config for a LiteLLM proxy config")
+    import_parser.add_argument("file")
     return parser
 
 
@@ -92,10 +123,25 @@ def check(path: str) -> int:
     return 0
 
 
+def import_from_litellm(path: str) -> int:
+    try:
+        print(import_litellm(yaml.safe_load(Path(path).read_text(encoding="utf-8"))), end="")
+    except OSError as exc:
+        print(f"proxykit: {path}: cannot read the file ({exc.strerror})", file=sys.stderr)
+        return 2
+    except yaml.YAMLError:
+        print(f"proxykit: {path}: not valid YAML", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"proxykit: {path}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def summary(config: Config) -> str:
     """Models, deployments and key counts; never a key."""
     deployments = [deployment for model in config.models for deployment in model.deployments]
-    keys = sum(len(deployment.api_keys) for deployment in deployments)
+    keys = sum(_key_count(deployment) for deployment in deployments)
     lines = [
         f"config OK: {len(config.models)} models, {len(deployments)} deployments, {keys} upstream keys, "
         f"{len(config.auth.keys)} client keys (auth {'on' if config.auth.enabled else 'off'})",
@@ -104,17 +150,35 @@ def summary(config: Config) -> str:
         fallbacks = f" (fallbacks: {', '.join(model.fallbacks)})" if model.fallbacks else ""
         lines.append(f"  model {model.name}{fallbacks}")
         for deployment in model.deployments:
-            count = sum(1 for key in deployment.api_keys if key.secret)
-            source = " from a file" if deployment.keys_file else ""
+            count = _key_count(deployment)
+            keys_text = f"{count} keys" + (" from a file" if deployment.keys_file else "") if count else "no key"
             lines.append(
                 f"    deployment {deployment.name}: {printable_url(deployment.base_url)} "
-                f"model={deployment.model}, {count} keys{source}"
+                f"model={deployment.model}, {keys_text}"
             )
+            if not _has_a_path(deployment.base_url):
+                lines.append(
+                    f"      warning: the base_url has no version path (such as /v1): requests go to "
+                    f"{printable_url(deployment.base_url)}/chat/completions and the like"
+                )
     return "\n".join(lines)
 
 
+def _key_count(deployment: Deployment) -> int:
+    return sum(1 for key in deployment.api_keys if key.secret)  # a keyless upstream has one empty "key"
+
+
+def _has_a_path(base_url: str) -> bool:
+    """OpenAI-style base URLs end in their API version (…/v1); one with no path at all is
+    usually a mistake that answers every request with a plain 404."""
+    return bool(urlsplit(base_url).path.rstrip("/"))
+
+
 def serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
+    if (problem := _cannot_listen(args.host, args.port)) is not None:
+        print(f"proxykit: cannot listen on {args.host}:{args.port}: {problem}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
     if args.demo:
         asyncio.run(_serve_demo(args))
         return 0
@@ -128,6 +192,7 @@ def serve(args: argparse.Namespace) -> int:
         _print_problems(path, exc)
         return 2
     warn_if_open(config, args.host)
+    logger.info("%s", banner(config, args.host, args.port, args.workers))
     if args.workers > 1:
         exit_quietly_after_sigterm()
         _serve_workers(path, args)
@@ -140,6 +205,17 @@ def serve(args: argparse.Namespace) -> int:
     _tune_garbage_collector()
     server.run()
     return 0
+
+
+def banner(config: Config, host: str, port: int, workers: int = 1) -> str:
+    """One line: what `serve` is about to serve, and where; never a key."""
+    deployments = [deployment for model in config.models for deployment in model.deployments]
+    keys = sum(_key_count(deployment) for deployment in deployments)
+    processes = f", {workers} workers" if workers > 1 else ""
+    return (
+        f"proxykit serving {len(config.models)} models ({len(deployments)} deployments, {keys} upstream keys) "
+        f"at http://{host}:{port}/v1, auth {'on' if config.auth.enabled else 'off'}{processes}"
+    )
 
 
 def _tune_garbage_collector() -> None:
@@ -159,6 +235,7 @@ def _serve_workers(path: str, args: argparse.Namespace) -> None:
     # mode (chosen by this variable at import, in each worker) adds up every worker's metrics.
     os.environ[CONFIG_ENV] = os.path.abspath(path)
     os.environ["PROXYKIT_LOG_LEVEL"] = args.log_level
+    os.environ["PROXYKIT_LOG_FORMAT"] = args.log_format
     with tempfile.TemporaryDirectory(prefix="proxykit-metrics-") as metrics_dir:
         os.environ.setdefault(MULTIPROCESS_ENV, metrics_dir)
         config = uvicorn.Config(
@@ -169,7 +246,7 @@ def _serve_workers(path: str, args: argparse.Namespace) -> None:
 
 def app_from_environment() -> Starlette:
     """The app of one `--workers N` process, from the config file named by $PROXYKIT_CONFIG."""
-    configure_logging(os.environ.get("PROXYKIT_LOG_LEVEL", "info"))
+    configure_logging(os.environ.get("PROXYKIT_LOG_LEVEL", "info"), os.environ.get("PROXYKIT_LOG_FORMAT", "text"))
     app = create_app(os.environ[CONFIG_ENV])
     drain_on_exit_signals(app)  # uvicorn made this worker's server: its signal handlers are wrapped
     _tune_garbage_collector()
@@ -197,17 +274,45 @@ async def _serve_demo(args: argparse.Namespace) -> None:
     proxy = DrainingServer(_uvicorn_config(create_app(config), args))
     url = f"http://{host}:{port}"
     body = '{"model": "demo-chat", "stream": true, "messages": [{"role": "user", "content": "Hello"}]}'
-    print(
+    text = (
         f"proxykit demo: models {', '.join(model.name for model in config.models)} at {url}/v1 (auth off)\n"
-        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'",
-        flush=True,
+        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
     )
-    upstream_task = asyncio.create_task(upstream.serve(sockets=[upstream_socket]))
+    if args.log_format == "json":
+        logger.info("%s", text)  # every line of output is one JSON object
+    else:
+        print(text, flush=True)
+    # uvicorn's servers share one logger: the demo upstream starts and stops quietly, so the
+    # proxy's lines are the only ones.
+    quiet = _Quiet()
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    with quiet:
+        upstream_task = asyncio.create_task(upstream.serve(sockets=[upstream_socket]))
+        while not upstream.started and not upstream_task.done():
+            await asyncio.sleep(0.01)
     try:
         await proxy.serve()
     finally:
-        upstream.should_exit = True
-        await upstream_task
+        with quiet:
+            upstream.should_exit = True
+            await upstream_task
+
+
+class _Quiet(logging.Filter):
+    """Drops INFO records while entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+
+    def __enter__(self) -> None:
+        self.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.active or record.levelno > logging.INFO
 
 
 def _uvicorn_config(app: Starlette, args: argparse.Namespace) -> uvicorn.Config:
@@ -223,7 +328,11 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout,
     )
+    options: dict[str, Any] = {}
+    if (log_config := uvicorn_log_config(args.log_level, args.log_format)) is not None:
+        options["log_config"] = log_config
     return {
+        **options,
         "host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False,
         "proxy_headers": False, "server_header": False, "http": limits.protocol(), "ws": "none",
         "limit_concurrency": args.limit_concurrency, "timeout_keep_alive": args.timeout_keep_alive,

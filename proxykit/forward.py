@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from proxykit._utils import join_url, leaves_its_base, route_path
 from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
@@ -22,6 +21,7 @@ from proxykit.headers import downstream_headers, upstream_headers
 from proxykit.keys.choice import choose_key, describe, describe_none, learn
 from proxykit.keys.state import KeyState
 from proxykit.outcomes import Outcome, outcome_of
+from proxykit.paths import leaves_its_base, route_path
 from proxykit.redact import Redactor
 from proxykit.resources import Resources
 from proxykit.respond import send_error, send_error_to
@@ -29,6 +29,7 @@ from proxykit.routing import resolve_model
 from proxykit.sends import beyond_stepped_aside
 from proxykit.upstream.base import UpstreamResponse
 from proxykit.upstream.failures import map_httpx_error
+from proxykit.upstream.target import deployment_headers, join_url
 from proxykit.usage.reader import UsageReader, carries_usage, without_usage_events
 from proxykit.watch import AttemptWatch, AttemptWatches
 
@@ -123,8 +124,10 @@ class Forwarder:
             headers = [(name, value) for name, value in headers if name != b"accept-encoding"]
             headers.append((b"accept-encoding", b"identity"))
         headers.append((b"x-request-id", ctx.request_id.encode("latin-1")))
-        if secret:
-            headers.append((b"authorization", b"Bearer " + secret.encode("latin-1")))
+        if deployment.headers:  # its static headers replace the client's of the same names
+            own = {name.encode("latin-1") for name, _ in deployment.headers}
+            headers = [(name, value) for name, value in headers if name not in own]
+        headers += deployment_headers(deployment, secret)
         # The deployment's base_url ends in the API version (…/v1), as OpenAI SDK base URLs do.
         url = join_url(deployment.base_url, path, scope.get("query_string", b"").decode("latin-1"))
         return _UpstreamRequest(scope["method"], url, headers, body)

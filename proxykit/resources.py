@@ -54,11 +54,13 @@ class Resources:
         self.transport = transport or Http1Transport(max_connections=4096, proxies=proxy_rules(config, os.environ))
         self.upstream = upstream_for(self.transport)
         timeouts = config.timeouts
-        # LLM calls are slow: httpx's 5 s default everywhere would cut them off. `read` is the
-        # longest silence between two chunks; the first-byte deadline is the forwarder's.
-        self.timeouts = httpx.Timeout(
+        # LLM calls are slow: httpx's 5 s default everywhere would cut them off.
+        self.client_timeout = httpx.Timeout(
             connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
-        ).as_dict()
+        )
+        # The forwarder's own calls: the first-byte deadline is its watch's (proxykit/watch.py),
+        # so `read` bounds only the silence between body chunks, never the wait for headers.
+        self.timeouts: dict[str, float | None] = {**self.client_timeout.as_dict(), "first_byte": None}
         # Every app has its own registry: a host that mounts proxykit twice, or uses
         # prometheus-client itself, never sees duplicate metric names.
         self.registry = CollectorRegistry()
@@ -87,7 +89,7 @@ class Resources:
             return
         self._client = httpx.AsyncClient(
             transport=self.transport,
-            timeout=httpx.Timeout(**self.timeouts),
+            timeout=self.client_timeout,
             follow_redirects=False,
             # One client serves every user: a jar that stored cookies would hand one user's to another.
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),

@@ -7,6 +7,8 @@ from fnmatch import fnmatchcase
 from proxykit.config import Config, ModelConfig
 from proxykit.errors import ModelNotAllowed, ModelNotFound
 
+_HINTED = 5  # models named in a model_not_found message
+
 
 def is_model_allowed(model: str, allowed: tuple[str, ...] | None) -> bool:
     """`allowed` holds globs (`deepseek-ai/*`); None allows every model."""
@@ -19,5 +21,8 @@ def resolve_model(config: Config, name: str, allowed: tuple[str, ...] | None) ->
         raise ModelNotAllowed(f"this API key may not use the model {name!r}")
     model = config.model(name)
     if model is None:
-        raise ModelNotFound(f"the model {name!r} does not exist")
+        usable = [model.name for model in config.models if is_model_allowed(model.name, allowed)]
+        hint = f"; models you may use: {', '.join(usable[:_HINTED])}" if usable else ""
+        more = f" and {len(usable) - _HINTED} more (GET /v1/models)" if len(usable) > _HINTED else ""
+        raise ModelNotFound(f"the model {name!r} does not exist{hint}{more}")
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import proxykit
 from proxykit import config_from_dict
 from proxykit.cli import warn_if_open
 from tests.conftest import make_config, proxykit_process, with_auth
@@ -142,3 +144,50 @@ models:
     assert result.returncode == 2
     assert "models[0].deployments[0].proxy: only http:// proxies are supported, not socks5://" in result.stderr
     assert "SECRET" not in result.stderr
+
+
+def test_version_prints_the_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"proxykit {proxykit.__version__}"
+
+
+def test_a_port_in_use_is_one_line_and_exit_3() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--demo", "--port", str(port))
+    assert result.returncode == 3
+    assert result.stderr.strip() == f"proxykit: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert "curl" not in result.stdout  # nothing announced that will not serve
+
+
+def test_check_warns_of_a_base_url_without_a_version_path_and_counts_keyless_deployments(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("""
+models:
+  - name: local
+    deployments: [{base_url: "http://127.0.0.1:8000"}]
+""")
+    result = run("check", str(tmp_path / "c.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "1 models, 1 deployments, 0 upstream keys" in result.stdout
+    assert "deployment local: http://127.0.0.1:8000 model=local, no key" in result.stdout
+    assert "warning: the base_url has no version path" in result.stdout
+
+
+@pytest.mark.anyio
+async def test_json_logs_are_one_object_a_line_with_the_access_fields(tmp_path: Path) -> None:
+    async with proxykit_process(tmp_path, "--demo", "--log-format", "json") as proxy, httpx.AsyncClient() as client:
+        response = await client.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "demo-chat", "messages": [{"role": "user", "content": "Hello"}]})
+        unknown = await client.post(f"{proxy.url}/v1/chat/completions", json={"model": "no-such-model"})
+    lines = [json.loads(line) for line in proxy.output.splitlines() if line.strip()]  # every line parses
+    access = [entry for entry in lines if entry["logger"] == "proxykit.access"]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert any(entry["logger"].startswith("uvicorn") for entry in lines)  # uvicorn's own lines too
+    served = next(entry for entry in access if entry["request_id"] == response.headers["x-request-id"])
+    assert (served["model"], served["status"], served["client"]) == ("demo-chat", 200, "anonymous")
+    missed = next(entry for entry in access if entry["request_id"] == unknown.headers["x-request-id"])
+    assert missed["model"] == "unknown(asked 'no-such-model')"
+    assert "models you may use: demo-chat" in unknown.json()["error"]["message"]

@@ -281,3 +281,41 @@ async def test_the_forwarder_alone_chooses_by_the_pool_and_rests_a_key_that_got_
         statuses = [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(4)]
     assert statuses == [429, 200, 200, 200]  # no retry layer: the 429 goes out, and its key rests
     assert keys_used == [f"Bearer {UPSTREAM_KEYS[0]}"] + [f"Bearer {UPSTREAM_KEYS[1]}"] * 3
+
+
+async def test_openai_routes_are_served_without_v1_too() -> None:
+    async with respx_proxy(make_config()) as (router, client):
+        route = router.post("/chat/completions").mock(side_effect=lambda request: streamed(200, b'{"ok": true}'))
+        embeddings = router.post("/embeddings").mock(side_effect=lambda request: streamed(200, b'{"data": []}'))
+        chat = await client.post("/chat/completions", json=CHAT)
+        embedded = await client.post("/embeddings", json={"model": "chat", "input": "hi"})
+        models = await client.get("/models")
+        nowhere = await client.get("/nowhere")
+    assert (chat.status_code, embedded.status_code) == (200, 200)
+    assert route.calls.last.request.url.path == "/v1/chat/completions"  # under the deployment's base_url
+    assert embeddings.called
+    assert [entry["id"] for entry in models.json()["data"]] == ["chat"]
+    assert nowhere.status_code == 404
+
+
+@pytest.mark.parametrize(("auth_header", "expected"), [
+    pytest.param("x-api-key", UPSTREAM_KEYS[0], id="anthropic"),
+    pytest.param("api-key", UPSTREAM_KEYS[0], id="azure"),
+    pytest.param("authorization", f"Bearer {UPSTREAM_KEYS[0]}", id="openai"),
+])
+async def test_the_key_goes_in_the_deployments_auth_header_with_its_static_headers(
+    auth_header: str, expected: str
+) -> None:
+    config = make_config()
+    config["models"][0]["deployments"][0].update(
+        auth_header=auth_header, headers={"anthropic-version": "2023-06-01"}, api_keys=[UPSTREAM_KEYS[0]])
+    async with respx_proxy(config) as (router, client):
+        route = router.post("/messages").mock(side_effect=lambda request: streamed(200, b'{"ok": true}'))
+        response = await client.post(
+            "/v1/messages", json=CHAT, headers={"anthropic-version": "2020-01-01", "x-api-key": "client-secret"})
+    sent = route.calls.last.request.headers
+    assert response.status_code == 200
+    assert sent[auth_header] == expected
+    assert sent["anthropic-version"] == "2023-06-01"  # the deployment's, not the client's
+    other_headers = {"authorization", "x-api-key", "api-key"} - {auth_header}
+    assert not other_headers & set(sent)  # the client's credentials never go up

@@ -12,6 +12,7 @@ from typing import Final
 ROUTING_STRATEGIES: Final = ("usage-based", "round-robin", "least-busy", "weighted", "latency-based")
 RETRY_REASONS: Final = frozenset({"connect_error", "timeout"})
 LIMIT_BACKENDS: Final = ("memory", "redis")
+AUTH_HEADERS: Final = ("authorization", "x-api-key", "api-key")
 
 
 class ConfigError(Exception):
@@ -63,6 +64,8 @@ class Deployment:
     keys_file: str | None = None  # set when the keys came from `file:PATH`
     proxy: str | None = field(default=None, repr=False)  # egress proxy URL (may carry a password);
     # "none" = direct; None = the HTTPS_PROXY / HTTP_PROXY / NO_PROXY environment
+    auth_header: str = "authorization"  # how the key goes: authorization (Bearer KEY) | x-api-key | api-key
+    headers: tuple[tuple[str, str], ...] = ()  # static headers, e.g. (("anthropic-version", "2023-06-01"),)
 
 
 @dataclass(frozen=True, slots=True)

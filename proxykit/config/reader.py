@@ -21,6 +21,7 @@ import yaml
 
 from proxykit.config.fields import FieldReader
 from proxykit.config.model import (
+    AUTH_HEADERS,
     LIMIT_BACKENDS,
     RETRY_REASONS,
     ROUTING_STRATEGIES,
@@ -81,7 +82,7 @@ class _Reader(FieldReader):
         if not isinstance(data, dict):
             self.fail("config", "is empty" if data is None else "must be a mapping with a models list")
             return None
-        top = self.mapping(data, "", tuple(f.name for f in fields(Config)))
+        top = self.mapping(data, "", tuple(f.name for f in fields(Config) if f.init))  # not `_by_name`
         models = self.models(top.get("models"))
         config = Config(
             models=models,
@@ -139,7 +140,8 @@ class _Reader(FieldReader):
             self.fail(f"{model_path}.deployments", "must be a non-empty list")
             return ()
         result = []
-        allowed = ("base_url", "name", "model", "api_keys", "rpm", "tpm", "weight", "max_tokens", "proxy")
+        allowed = ("base_url", "name", "model", "api_keys", "rpm", "tpm", "weight", "max_tokens", "proxy",
+                   "auth_header", "headers")
         for j, item in enumerate(raw):
             path = f"{model_path}.deployments[{j}]"
             entry = self.mapping(item, path, allowed)
@@ -154,6 +156,8 @@ class _Reader(FieldReader):
             }
             weight = self.number(entry.get("weight", 1.0), f"{path}.weight", float)
             proxy = self.proxy(entry.get("proxy"), f"{path}.proxy")
+            auth_header = self.choice(entry.get("auth_header"), f"{path}.auth_header", AUTH_HEADERS, "authorization")
+            headers = self.static_headers(entry.get("headers"), f"{path}.headers")
             result.append(Deployment(
                 name=name,
                 base_url=(base_url or "").rstrip("/"),
@@ -162,9 +166,31 @@ class _Reader(FieldReader):
                 weight=1.0 if weight is None else weight,
                 keys_file=keys_file,
                 proxy=proxy,
+                auth_header=auth_header,
+                headers=headers,
                 **optional,
             ))
         return tuple(result)
+
+    def static_headers(self, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+        """A deployment's extra headers: names and values a request line can carry."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            self.fail(path, "must be a mapping of header names to values")
+            return ()
+        headers = []
+        for name, value in raw.items():
+            text = self.expand(str(value), f"{path}.{name}") if isinstance(value, (str, int, float)) else None
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                self.fail(path, f"{name!r} is not a header name")
+            elif name.lower() in _RESERVED_HEADERS:
+                self.fail(f"{path}.{name}", "is set by proxykit itself")
+            elif text is None or not _fits_a_header(text):
+                self.fail(f"{path}.{name}", "must be a string of printable ASCII")
+            else:
+                headers.append((name.lower(), text))
+        return tuple(headers)
 
     def proxy(self, raw: Any, path: str) -> str | None:
         """A deployment's egress proxy: an http:// URL, or `none` for a direct connection."""
@@ -348,6 +374,13 @@ def read_key_file(path: str, reader: _Reader | None = None, field_path: str = "a
             reader.fail(field_path, message)
             return []
     return keys
+
+
+# Headers a deployment's `headers` may not set: the key's, the body's framing, the request's own.
+_RESERVED_HEADERS = frozenset({
+    "authorization", "x-api-key", "api-key", "host", "content-length", "transfer-encoding", "connection",
+    "x-request-id",
+})
 
 
 def _fits_a_header(secret: str) -> bool:

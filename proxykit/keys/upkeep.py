@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import httpx
 
-from proxykit._utils import join_url
 from proxykit.config.reader import read_key_file
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState
 from proxykit.outcomes import Outcome
+from proxykit.upstream.target import deployment_headers, join_url
 
 if TYPE_CHECKING:
     from proxykit.limits.redis import SharedKeyStates
@@ -78,12 +78,13 @@ class PoolUpkeep:
                 logger.warning("the key file of %s is empty: keeping its keys", deployment)
                 continue
             added, removed = self.pool.replace_keys(deployment, secrets)
-            logger.warning("re-read the key file of %s: %d keys (%d new, %d removed)",
+            logger.info("re-read the key file of %s: %d keys (%d new, %d removed)",
                            deployment, len(secrets), added, removed)
 
     async def probe(self, state: KeyState) -> None:
         request = httpx.Request(
-            "GET", join_url(state.deployment.base_url, "/models"), headers={"authorization": f"Bearer {state.secret}"},
+            "GET", join_url(state.deployment.base_url, "/models"),
+            headers=deployment_headers(state.deployment, state.secret),
         )
         try:
             with anyio.fail_after(PROBE_TIMEOUT):
@@ -94,7 +95,7 @@ class PoolUpkeep:
             return
         if response.status_code < 400:
             self.pool.recovered(state)
-            logger.warning("upstream key %s passed its probe: back in rotation", state.alias)
+            logger.info("upstream key %s passed its probe: back in rotation", state.alias)
         elif response.status_code in (401, 403):
             self.pool.record(state, Outcome.AUTH_ERROR)  # still refused: set aside for another round
         else:

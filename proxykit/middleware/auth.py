@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxykit._utils import route_path
 from proxykit.config import ClientKey
 from proxykit.context import ensure_context
 from proxykit.errors import InvalidApiKey
+from proxykit.paths import route_path
 from proxykit.respond import send_error
 
 

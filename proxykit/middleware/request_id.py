@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.context import ensure_context
+from proxykit.context import RequestContext, ensure_context
 from proxykit.headers import set_response_headers
 from proxykit.logs import request_id_var
 from proxykit.sends import step_aside
@@ -47,11 +48,34 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if logger.isEnabledFor(logging.INFO):
-                status = 499 if ctx.disconnected else ctx.status
-                ttfb = "-" if ctx.ttfb is None else f"{ctx.ttfb * 1000:.1f}ms"
-                logger.info(
-                    "%s %s model=%s client=%s key=%s status=%s attempts=%s ttfb=%s duration=%.1fms",
-                    scope["method"], scope["path"], ctx.model, ctx.client, ctx.key_alias or "-", status,
-                    ctx.attempts_header() or "-", ttfb, (time.perf_counter() - ctx.started) * 1000,
-                )
+                self._access_line(scope, ctx)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _access_line(scope: Scope, ctx: RequestContext) -> None:
+        fields = _access_fields(scope, ctx)
+        ttfb = "-" if fields["ttfb_ms"] is None else f"{fields['ttfb_ms']}ms"
+        logger.info(
+            "%s %s model=%s client=%s key=%s status=%s attempts=%s ttfb=%s duration=%sms",
+            fields["method"], fields["path"], fields["model"], fields["client"], fields["key"], fields["status"],
+            fields["attempts"], ttfb, fields["duration_ms"], extra={"fields": fields},
+        )
+
+
+def _access_fields(scope: Scope, ctx: RequestContext) -> dict[str, Any]:
+    return {
+        "method": scope["method"], "path": scope["path"], "model": _model_for_log(ctx), "client": ctx.client,
+        "key": ctx.key_alias or "-", "status": 499 if ctx.disconnected else ctx.status,
+        "attempts": ctx.attempts_header() or "-",
+        "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 1),
+        "duration_ms": round((time.perf_counter() - ctx.started) * 1000, 1),
+    }
+
+
+def _model_for_log(ctx: RequestContext) -> str:
+    """The configured model, or what the client asked for when it is unknown (quoted and cut
+    short: it is the client's string)."""
+    asked = (ctx.payload or {}).get("model")
+    if ctx.model != "unknown" or not isinstance(asked, str):
+        return ctx.model
+    return f"unknown(asked {asked[:64]!r})"

@@ -128,7 +128,8 @@ class UsageReader:
             if carries_usage(data):  # parse only the few events that can carry usage
                 usage = _usage_of(data)
                 if usage is not None:
-                    self.usage = usage
+                    # Anthropic splits it: input tokens in `message_start`, output in `message_delta`.
+                    self.usage = usage if self.usage is None else {**self.usage, **usage}
 
 
 def carries_usage(data: bytes, end: int | None = None) -> bool:
@@ -207,6 +208,8 @@ def _usage_of(data: bytes) -> dict[str, Any] | None:
     usage = payload.get("usage")
     if usage is None and isinstance(response := payload.get("response"), dict):
         usage = response.get("usage")  # the Responses API's last event holds the whole response
+    if usage is None and isinstance(message := payload.get("message"), dict):
+        usage = message.get("usage")  # Anthropic's `message_start` holds the message
     return usage if isinstance(usage, dict) else None
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from proxykit import ConfigError, config_from_dict, load_config
+import proxykit.config.model
+from proxykit import Config, ConfigError, config_from_dict, load_config
 
 FULL = """
 auth:
@@ -188,3 +191,42 @@ def test_duplicate_names_are_refused() -> None:
     assert "auth.keys: key names must be unique" in problems
     assert "two clients share the same key" in problems
     assert "'k'" not in problems  # the duplicated key itself is never printed
+
+
+def test_internal_fields_are_not_config() -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"_by_name": {}, "models": [{"name": "m", "deployments": [{"base_url": "http://x/v1"}]}]})
+    assert any("_by_name" in problem for problem in raised.value.problems)
+
+
+REFERENCE = Path(__file__).parents[2] / "examples" / "reference.yaml"
+# Set by proxykit, not read from a file.
+INTERNAL_FIELDS = {"keys_file", "alias", "secret"}
+
+
+def config_fields(cls: type, seen: set[type] | None = None) -> set[str]:
+    """Every field name of a config dataclass and of those it holds, recursively."""
+    seen = seen if seen is not None else set()
+    seen.add(cls)
+    names = set()
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init or field.name in INTERNAL_FIELDS:
+            continue
+        names.add(field.name)
+        for inner in re.findall(r"[A-Za-z]+", str(hints[field.name])):
+            inner_cls = getattr(proxykit.config.model, inner, None)
+            if dataclasses.is_dataclass(inner_cls) and isinstance(inner_cls, type) and inner_cls not in seen:
+                names |= config_fields(inner_cls, seen)
+    return names
+
+
+def test_the_reference_config_names_every_field_and_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = REFERENCE.read_text()
+    fields = config_fields(Config)
+    assert {"strategy", "auth_header", "input_per_1m", "require_key", "queue_timeout"} <= fields  # walked deep
+    missing = {name for name in fields if not re.search(rf"^\s*(- )?{name}:", text, re.MULTILINE)}
+    assert not missing, f"examples/reference.yaml lacks {sorted(missing)}"
+    monkeypatch.setenv("TEAM_A_KEY", "a")
+    monkeypatch.setenv("PROVIDER_KEYS", "k1,k2")
+    load_config(REFERENCE)

@@ -88,7 +88,9 @@ async def read_all(response: Http1Response) -> bytes:
     return body
 
 
-async def send(client: Http1Client, url: str, method: str = "POST", body: bytes = b"{}", **timeouts: float) -> bytes:
+async def send(
+    client: Http1Client, url: str, method: str = "POST", body: bytes = b"{}", **timeouts: float | None,
+) -> bytes:
     return await read_all(await client.open(method, url, [], body, {**TIMEOUTS, **timeouts}))
 
 
@@ -450,7 +452,7 @@ async def test_a_piece_that_came_with_the_break_is_read_before_the_error() -> No
     connection.connection_made(_Wire())
     response = connection.send(b"GET / HTTP/1.1\r\n\r\n", b"", head_request=False)
     connection.data_received(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-    await response.wait_for_start(5.0)
+    await response.wait_for_start(5.0, until_start=5.0)
     reading = asyncio.ensure_future(response.read_chunk())
     await asyncio.sleep(0)  # the read waits for a piece
     connection.data_received(b"5\r\nhello\r\n")
@@ -461,3 +463,21 @@ async def test_a_piece_that_came_with_the_break_is_read_before_the_error() -> No
             await response.read_chunk()
     await response.aclose()
     await client.aclose()
+
+
+async def test_read_bounds_only_the_silence_between_chunks_when_the_caller_keeps_the_first_byte_deadline() -> None:
+    async def slow_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        await asyncio.sleep(0.6)  # longer than `read`: the wait for headers is the first-byte deadline's
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await reader.read()
+
+    scripted = Scripted(slow_headers)
+    client = Http1Client()
+    async with scripted.running() as url:
+        with anyio.fail_after(5):
+            # As the forwarder calls it: `first_byte` None, its own watch keeps that deadline.
+            assert await send(client, url, read=0.3, first_byte=None) == b"ok"
+            with pytest.raises(httpx.ReadTimeout):  # httpx's semantics, without `first_byte`
+                await send(client, url, read=0.3)
+        await client.aclose()

@@ -109,3 +109,28 @@ def test_a_caller_that_found_no_usage_is_not_trusted_where_it_could_not_see_it()
         reader.finish()
     assert (split.events, split.usage) == (1, {"total_tokens": 3})
     assert (inflated.events, inflated.usage) == (2, {"total_tokens": 3})
+
+
+def test_anthropic_usage_is_read_from_message_start_and_message_delta() -> None:
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 25, "output_tokens": 1}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}},
+        {"type": "message_stop"},
+    ]
+    body = b"".join(
+        f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events
+    )
+    reader = UsageReader(event_stream=True, encoding=None)
+    for start in range(0, len(body), 13):
+        reader.feed(body[start:start + 13])
+    reader.finish()
+    assert reader.usage is not None
+    assert (reader.usage["prompt_tokens"], reader.usage["completion_tokens"]) == (25, 15)
+
+
+def test_anthropic_json_usage_is_read_in_chat_terms() -> None:
+    body = json.dumps({"id": "msg_1", "content": [], "usage": {"input_tokens": 7, "output_tokens": 3}}).encode()
+    usage = read(body)
+    assert usage is not None
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (7, 3)

@@ -95,7 +95,10 @@ class Http1Client:
                     response = await connection.send_streamed(head, body, head_request=head_request)  # type: ignore[arg-type]
                 else:
                     response = connection.send(head, body, head_request=head_request)  # type: ignore[arg-type]
-                await response.wait_for_start(timeouts.get("read"))
+                # `first_byte` in `timeouts` (the forwarder's, None) means its caller keeps that
+                # deadline; httpx's own timeouts have none, and `read` bounds the wait, as in httpx.
+                read = timeouts.get("read")
+                await response.wait_for_start(read, until_start=timeouts.get("first_byte", read))
                 return response
             except StaleConnection:
                 connection.close()

@@ -95,10 +95,15 @@ class Http1Response:
         else:
             self._connection.close()
 
-    async def wait_for_start(self, read_timeout: float | None) -> None:
-        self._read_timeout = read_timeout
+    async def wait_for_start(self, read_timeout: float | None, *, until_start: float | None) -> None:
+        """Waits for the status line and headers, with `until_start` as the longest silence meanwhile;
+        from then on `read_timeout` bounds the silence between body chunks."""
+        self._read_timeout = until_start
         while not self.started:
             await self._more()
+        if read_timeout != until_start:
+            self._stop_silence_timer()
+            self._read_timeout = read_timeout
 
     def _more(self) -> asyncio.Future[None]:
         """A future done when more of the response arrived, or it failed; the caller looks again,

@@ -1,8 +1,8 @@
-"""Generic helpers with no proxykit knowledge."""
+"""The request path: below the mount point, and whether it would leave a deployment's base_url."""
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from starlette.types import Scope
 
@@ -27,20 +27,3 @@ def leaves_its_base(path: str) -> bool:
             if segment in (".", ".."):
                 return True
     return False
-
-
-def join_url(base_url: str, path: str, query: str = "") -> str:
-    """`base_url` + `path`, with the base's own query (a Gemini-style `?key=`) kept after the path
-    and the client's query after that."""
-    if "?" in base_url:
-        base_url, base_query = base_url.split("?", 1)
-        query = f"{base_query}&{query}" if query else base_query
-    return f"{base_url}{path}?{query}" if query else base_url + path
-
-
-def printable_url(url: str) -> str:
-    """`url` as it may be printed: no user or password, and no query value (it may be a key)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "&".join(f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair for pair in parts.query.split("&"))
-    return urlunsplit((parts.scheme, netloc, parts.path, query if parts.query else "", ""))
