@@ -1,5 +1,6 @@
-"""`proxykit serve` and `proxykit check`. Exit codes: 0 fine, 2 a bad config or bad arguments,
-3 the address to listen on is taken or not allowed."""
+"""`proxykit serve`, `check` and `import-litellm`. Exit codes: 0 fine, 1 a deployment did not
+answer `check --probe`, 2 a bad config or bad arguments, 3 the address to listen on is taken or
+not allowed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from proxykit.config.reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
 from proxykit.logs import configure_logging, uvicorn_log_config
 from proxykit.metrics import MULTIPROCESS_ENV
+from proxykit.probe import probe
 from proxykit.serving import (
     DrainingServer,
     DrainingSupervisor,
@@ -45,6 +47,7 @@ CONFIG_ENV = "PROXYKIT_CONFIG"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4000
 EXIT_CANNOT_LISTEN = 3
+EXIT_PROBE_FAILED = 1
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
@@ -67,7 +70,7 @@ def _cannot_listen(host: str, port: int) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
-        return check(args.file)
+        return check(args.file, with_probe=args.probe)
     if args.command == "import-litellm":
         return import_from_litellm(args.file)
     try:
@@ -108,18 +111,24 @@ def _parser() -> argparse.ArgumentParser:
                                    "(default: %(default)s)")
     check_parser = commands.add_parser("check", help="validate a config and summarise it")
     check_parser.add_argument("file")
+    check_parser.add_argument("--probe", action="store_true",
+                              help="also GET {base_url}/models once per deployment (unbilled), and report")
     import_parser = commands.add_parser("import-litellm", help="print a proxykit config for a LiteLLM proxy config")
     import_parser.add_argument("file")
     return parser
 
 
-def check(path: str) -> int:
+def check(path: str, *, with_probe: bool = False) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
         _print_problems(path, exc)
         return 2
     print(summary(config))
+    if with_probe:
+        lines, all_answered = asyncio.run(probe(config))
+        print("\n".join(lines))
+        return 0 if all_answered else EXIT_PROBE_FAILED
     return 0
 
 

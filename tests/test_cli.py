@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
 import proxykit
 from proxykit import config_from_dict
 from proxykit.cli import warn_if_open
-from tests.conftest import make_config, proxykit_process, with_auth
+from tests.conftest import free_port, make_config, proxykit_process, serve, with_auth
 
 SECRETS = ("sk-pool-secret-1", "sk-pool-secret-2", "team-secret-key")
 
@@ -191,3 +193,30 @@ async def test_json_logs_are_one_object_a_line_with_the_access_fields(tmp_path: 
     missed = next(entry for entry in access if entry["request_id"] == unknown.headers["x-request-id"])
     assert missed["model"] == "unknown(asked 'no-such-model')"
     assert "models you may use: demo-chat" in unknown.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_check_probe_asks_each_deployment_for_its_models(tmp_path: Path) -> None:
+    async def lists_models(scope: Scope, receive: Receive, send: Send) -> None:
+        good = dict(scope["headers"]).get(b"authorization") == b"Bearer sk-probe-good"
+        body = b'{"object": "list", "data": [{"id": "m"}]}' if good else b'{"error": {"message": "bad key"}}'
+        status = 404 if not scope["path"].startswith("/v1/") else 200 if good else 401
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async with serve(lists_models, lifespan="off") as url:
+        (tmp_path / "c.yaml").write_text(json.dumps({"models": [{"name": "m", "deployments": [
+            {"base_url": f"{url}/v1", "name": "good", "api_keys": ["sk-probe-good"]},
+            {"base_url": f"{url}/v1", "name": "refused", "api_keys": ["sk-probe-bad-1"]},
+            {"base_url": url, "name": "no-version", "api_keys": ["sk-probe-good"]},
+            {"base_url": f"http://127.0.0.1:{free_port()}/v1", "name": "down"},
+        ]}]}))
+        result = await anyio.to_thread.run_sync(lambda: run("check", str(tmp_path / "c.yaml"), "--probe"))
+    assert result.returncode == 1, result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if line.startswith("probe ")}
+    assert "200 OK, 1 models; it lists 'm'" in lines["probe good"]
+    assert "401: the key was refused" in lines["probe refused"]
+    assert "404: nothing there: does base_url end in the API version" in lines["probe no-version"]
+    assert "unreachable (ConnectError)" in lines["probe down"]
+    assert "sk-probe" not in result.stdout + result.stderr
