@@ -83,32 +83,34 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxykit", description="An ASGI gateway for OpenAI-compatible APIs.")
     parser.add_argument("--version", action="version", version=f"proxykit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="run the proxy under uvicorn")
-    serve_parser.add_argument("--config", help=f"the YAML config (default: ${CONFIG_ENV})")
+    # Every option with its default, in `proxykit serve --help`.
+    serve_parser = commands.add_parser(
+        "serve", help="run the proxy under uvicorn", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve_parser.add_argument("--config", help=f"the YAML config; without it, ${CONFIG_ENV} names the file")
     serve_parser.add_argument("--demo", action="store_true", help="run in front of a built-in demo upstream")
-    serve_parser.add_argument("--host", default=DEFAULT_HOST)
-    serve_parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve_parser.add_argument("--workers", type=int, default=1)
-    serve_parser.add_argument("--log-level", default="info",
+    serve_parser.add_argument("--host", default=DEFAULT_HOST, help="the address to listen on")
+    serve_parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the port to listen on")
+    serve_parser.add_argument("--workers", type=int, default=1, help="processes; each its own event loop")
+    serve_parser.add_argument("--log-level", default="info", help="the least severe level logged",
                               choices=["critical", "error", "warning", "info", "debug"])
     serve_parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                              help="json: every line of output is one JSON object (default: %(default)s)")
+                              help="json: every line of output is one JSON object")
     limits = ServerLimits()
     serve_parser.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes, metavar="N",
-                              help="request line and headers larger than this get 431 (default: %(default)s)")
+                              help="a request line and headers larger than this get 431")
     serve_parser.add_argument("--max-headers", type=int, default=limits.max_headers, metavar="N",
-                              help="requests with more headers get 431 (default: %(default)s)")
+                              help="requests with more headers get 431")
     serve_parser.add_argument("--header-timeout", type=float, default=limits.header_timeout, metavar="S",
-                              help="seconds for a request's headers to arrive, else 408 (default: %(default)s)")
+                              help="seconds for a request's headers to arrive, else 408")
     serve_parser.add_argument("--body-timeout", type=float, default=limits.body_timeout, metavar="S",
-                              help="seconds a request body may pause, else 408 (default: %(default)s)")
+                              help="seconds a request body may pause, else 408")
     serve_parser.add_argument("--limit-concurrency", type=int, default=None, metavar="N",
-                              help="connections and requests at once per worker; more get 503 (default: no limit)")
+                              help="connections and requests at once per worker; more get 503 (None: no limit)")
     serve_parser.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
-                              help="seconds an idle client connection stays open (default: %(default)s)")
+                              help="seconds an idle client connection stays open")
     serve_parser.add_argument("--timeout-graceful-shutdown", type=float, default=30.0, metavar="S",
-                              help="on SIGTERM, seconds for requests and streams in flight to finish "
-                                   "(default: %(default)s)")
+                              help="on SIGTERM, seconds for requests and streams in flight to finish")
     check_parser = commands.add_parser("check", help="validate a config and summarise it")
     check_parser.add_argument("file")
     check_parser.add_argument("--probe", action="store_true",

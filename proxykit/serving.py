@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -207,6 +208,11 @@ class DrainingServer(uvicorn.Server):
     """A uvicorn server that tells the app it drains (readiness answers 503) as soon as SIGTERM or
     SIGINT arrives; uvicorn then stops accepting connections and lets those in flight finish
     within `timeout_graceful_shutdown`."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            logger.info("ready: taking requests at http://%s:%d", self.config.host, self.config.port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         mark_draining(self.config.loaded_app if self.config.loaded else None)

@@ -40,9 +40,9 @@ models:
 """)
     result = run("check", str(tmp_path / "c.yaml"))
     assert result.returncode == 0, result.stderr
-    assert "1 models, 2 deployments, 3 upstream keys, 1 client keys (auth on)" in result.stdout
+    assert "1 models, 2 deployments, 2 upstream keys, 1 client keys (auth on)" in result.stdout  # keyless: none
     assert "deployment big@0: https://api.example/v1 model=big, 2 keys from a file" in result.stdout
-    assert "deployment local: http://local:8000/v1 model=big, 0 keys" in result.stdout
+    assert "deployment local: http://local:8000/v1 model=big, no key" in result.stdout
     for secret in (*SECRETS, "pw@"):
         assert secret not in result.stdout + result.stderr
 

@@ -54,7 +54,7 @@ async def proxy(tmp_path: Path) -> AsyncIterator[ProxykitProcess]:
     for secret in (CLIENT_KEY, LIMITED_KEY, *UPSTREAM_KEYS):
         assert secret not in process.output
     assert "Traceback" not in process.output
-    assert " POST /v1/" in process.output  # the access log was written, and searched above
+    assert " POST /" in process.output  # the access log was written, and searched above
 
 
 def sdk(proxy: ProxykitProcess, key: str = CLIENT_KEY) -> openai.AsyncOpenAI:
@@ -167,3 +167,15 @@ async def test_responses_api_stream_reaches_the_sdk_and_its_usage_is_counted() -
     assert completed.response.usage.input_tokens == 12
     for kind, count in (("prompt", 12), ("completion", 2), ("reasoning", 1)):
         assert f'proxykit_tokens_total{{client="anonymous",model="chat",type="{kind}"}} {count}.0' in metrics
+
+
+async def test_a_base_url_without_v1_works_as_litellms_sdk_users_set_it(proxy: ProxykitProcess) -> None:
+    # Seed 003: the LiteLLM SDK's api_base is the proxy's address with no /v1, as LiteLLM's proxy allows.
+    async with openai.AsyncOpenAI(base_url=proxy.url, api_key=CLIENT_KEY, max_retries=0) as client:
+        completion = await client.chat.completions.create(model="demo-chat", messages=HELLO)
+        models = await client.models.list()
+        chunks = [chunk async for chunk in await client.chat.completions.create(
+            model="demo-chat", messages=HELLO, stream=True)]
+    assert completion.choices[0].message.content
+    assert "demo-chat" in {model.id for model in models.data}
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
