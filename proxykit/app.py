@@ -5,7 +5,7 @@ Every request passes the outer layers, outermost first; then `/v1/...` (the mode
 goes to the forwarding layers, anything else to proxykit's own routes:
 
     outer:       RequestId -> Metrics -> Auth -> ForwardingDispatch
-    forwarding:  RateLimit -> Retry -> KeyRotation -> Forwarder
+    forwarding:  RateLimit -> Cache (when on) -> Retry -> KeyRotation -> Forwarder
     routes:      /health, /health/ready, /metrics, /v1/models, /v1/models/{id} (and without /v1)
 
 OpenAI's routes are served without `/v1` too (`/chat/completions`, `/models`, ...), for clients
@@ -23,6 +23,7 @@ Three fast paths keep proxykit's own cost per request small, each in one place:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -44,6 +45,7 @@ from proxykit.context import ensure_context
 from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound
 from proxykit.forward import Forwarder
 from proxykit.middleware.auth import AuthMiddleware
+from proxykit.middleware.cache import CacheMiddleware
 from proxykit.middleware.metrics import MetricsMiddleware
 from proxykit.middleware.ratelimit import ClientLimits, RateLimitMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
@@ -51,6 +53,7 @@ from proxykit.middleware.retry import RetryMiddleware, RetryPolicy
 from proxykit.middleware.rotation import KeyRotationMiddleware
 from proxykit.paths import route_path
 from proxykit.resources import Resources
+from proxykit.routing import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +117,9 @@ def _outer_layers(resources: Resources, *, forwarding: ASGIApp) -> list[Middlewa
 
 
 def _forwarding_layers(resources: Resources) -> ASGIApp:
-    """RateLimit -> Retry -> KeyRotation -> Forwarder: limits apply before any upstream attempt is
-    spent, and rotation sits inside retry so each attempt gets a fresh key whose outcome is
-    recorded first."""
+    """RateLimit -> Cache -> Retry -> KeyRotation -> Forwarder: limits apply before any upstream
+    attempt is spent (or a cached answer given), and rotation sits inside retry so each attempt
+    gets a fresh key whose outcome is recorded first."""
     config = resources.config
     body_limit = config.limits.max_body_bytes
     app: ASGIApp = Forwarder(resources)
@@ -126,6 +129,13 @@ def _forwarding_layers(resources: Resources) -> ASGIApp:
     )
     if config.retry.attempts:  # none configured: no layer to pass through
         app = RetryMiddleware(app, policy=RetryPolicy.from_config(config), max_body_bytes=body_limit)
+    if resources.cache is not None:  # inside the limits (a hit counts against rpm), outside retry
+        cache = config.cache
+        app = CacheMiddleware(
+            app, backend=resources.cache, ttl=cache.ttl, shared_between_clients=cache.shared_between_clients,
+            max_body_bytes=body_limit, max_entry_bytes=cache.max_bytes // 10,
+            resolve=functools.partial(resolve_model, config),
+        )
     if limits := ClientLimits.by_client(config.auth.keys):
         app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
     return app

@@ -62,6 +62,9 @@ class RequestContext:
     upstream_wait: float = 0.0  # forwarder: seconds waiting on the upstream -> metrics (overhead)
     backoff_wait: float = 0.0  # retry: seconds between attempts -> metrics (overhead)
     status: int | None = None  # request id layer: the status sent -> access log
+    cache: str | None = None  # cache: "hit", "miss" or "bypass" on a cacheable route -> metrics
+    cache_saved_tokens: int = 0  # cache: the tokens a hit's stored answer holds -> metrics
+    stripped_usage_event: bytes | None = None  # forwarder: the usage event it took out -> cache (stores it)
     finished: bool = False  # forwarder: the whole response went out -> disconnect watch
     disconnected: bool = False  # whoever sees the client leave -> every layer: stop, never retry
 

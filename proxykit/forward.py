@@ -229,7 +229,9 @@ class Forwarder:
                     break
                 ctx.upstream_wait += time.perf_counter() - waiting_since
                 if strip_usage and carries_usage(chunk):
-                    chunk, usage = without_usage_events(chunk, starts_an_event=_ends_an_event(sent))
+                    chunk, usage, event = without_usage_events(chunk, starts_an_event=_ends_an_event(sent))
+                    if event is not None:
+                        ctx.stripped_usage_event = event  # a cache stores the stream with it
                     if reader is not None and usage is not None:
                         reader.usage = usage  # parsed once: the reader sees only what is relayed
                     if not chunk:

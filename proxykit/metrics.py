@@ -61,6 +61,11 @@ class ProxyMetrics:
                               ["model", "client", "type"], registry=registry)
         self.cost = Counter("proxykit_cost_usd_total", "Cost from the model's pricing, in USD.",
                             ["model", "client"], registry=registry)
+        self.cache_requests = Counter("proxykit_cache_requests_total", "Cacheable requests, by what the cache did.",
+                                      ["model", "result"], registry=registry)
+        self.cache_saved_tokens = Counter("proxykit_cache_saved_tokens_total",
+                                          "Prompt and completion tokens of answers served from the cache.",
+                                          ["model"], registry=registry)
         self.key_collector = KeyAvailabilityCollector(pool)
         registry.register(self.key_collector)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

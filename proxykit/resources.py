@@ -16,6 +16,9 @@ import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
+from proxykit.cache.base import CacheBackend
+from proxykit.cache.memory import MemoryCache
+from proxykit.cache.redis import RedisCache
 from proxykit.config import Config
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState
@@ -74,6 +77,14 @@ class Resources:
             self.limiter = RedisRateLimiter(self.redis)
             self.shared_keys = SharedKeyStates(self.redis, self.keys)
             self.keys.on_rest = self._publish_rest
+        self.cache: CacheBackend | None = None
+        self._cache_redis: RedisConnection | None = None
+        if config.cache.enabled and config.cache.backend == "redis":
+            # Entries shared by every replica, through the limits' Redis URL.
+            self._cache_redis = self.redis or RedisConnection(config.limits.redis_url)
+            self.cache = RedisCache(self._cache_redis)
+        elif config.cache.enabled:
+            self.cache = MemoryCache(max_bytes=config.cache.max_bytes)
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None
@@ -136,6 +147,10 @@ class Resources:
             self._client = None
         if self.redis is not None:
             await self.redis.aclose()
+        if self._cache_redis is not None and self._cache_redis is not self.redis:
+            await self._cache_redis.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         if self.metrics is not None:
             self.metrics.close()
         self.state = ResourceState.CLOSED

@@ -6,6 +6,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
+from proxykit.upstream.proxy import DIRECT, parse_proxy
+
 _ENV_VAR: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 T = TypeVar("T")
@@ -99,3 +101,48 @@ class FieldReader:
                 if parsed is not None:
                     values[key] = parsed
         return cls(**values)
+
+    def static_headers(self, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+        """A deployment's extra headers: names and values a request line can carry."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            self.fail(path, "must be a mapping of header names to values")
+            return ()
+        headers = []
+        for name, value in raw.items():
+            text = self.expand(str(value), f"{path}.{name}") if isinstance(value, (str, int, float)) else None
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+                self.fail(path, f"{name!r} is not a header name")
+            elif name.lower() in _RESERVED_HEADERS:
+                self.fail(f"{path}.{name}", "is set by proxykit itself")
+            elif text is None or not fits_a_header(text):
+                self.fail(f"{path}.{name}", "must be a string of printable ASCII")
+            else:
+                headers.append((name.lower(), text))
+        return tuple(headers)
+
+    def proxy(self, raw: Any, path: str) -> str | None:
+        """A deployment's egress proxy: an http:// URL, or `none` for a direct connection."""
+        value = self.string(raw, path)
+        if value is None:
+            return None
+        value = value.strip()
+        if value.lower() == DIRECT:
+            return DIRECT
+        try:
+            parse_proxy(value)
+        except ValueError as exc:
+            self.fail(path, str(exc))
+        return value
+
+
+# Headers a deployment's `headers` may not set: the key's, the body's framing, the request's own.
+_RESERVED_HEADERS = frozenset({
+    "authorization", "x-api-key", "api-key", "host", "content-length", "transfer-encoding", "connection",
+    "x-request-id",
+})
+
+
+def fits_a_header(secret: str) -> bool:
+    return secret.isascii() and secret.isprintable()

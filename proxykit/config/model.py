@@ -13,6 +13,7 @@ ROUTING_STRATEGIES: Final = ("usage-based", "round-robin", "least-busy", "weight
 RETRY_REASONS: Final = frozenset({"connect_error", "timeout"})
 LIMIT_BACKENDS: Final = ("memory", "redis")
 AUTH_HEADERS: Final = ("authorization", "x-api-key", "api-key")
+CACHE_BACKENDS: Final = ("memory", "redis")
 
 
 class ConfigError(Exception):
@@ -133,6 +134,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The exact-match response cache (CONTRACT section 10)."""
+
+    enabled: bool = False
+    backend: str = "memory"  # memory | redis (limits.redis_url, shared by every replica)
+    ttl: float = 3600.0  # seconds
+    max_bytes: int = 268_435_456  # memory backend; an answer over a tenth of it is not stored
+    shared_between_clients: bool = False  # False: each client key has its own entries
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     models: tuple[ModelConfig, ...]
     auth: AuthConfig = AuthConfig()
@@ -142,6 +154,7 @@ class Config:
     timeouts: TimeoutConfig = TimeoutConfig()
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    cache: CacheConfig = CacheConfig()
     _by_name: dict[str, ModelConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -19,14 +19,16 @@ from typing import Any
 
 import yaml
 
-from proxykit.config.fields import FieldReader
+from proxykit.config.fields import FieldReader, fits_a_header
 from proxykit.config.model import (
     AUTH_HEADERS,
+    CACHE_BACKENDS,
     LIMIT_BACKENDS,
     RETRY_REASONS,
     ROUTING_STRATEGIES,
     AuthConfig,
     BackoffConfig,
+    CacheConfig,
     ClientKey,
     Config,
     ConfigError,
@@ -41,7 +43,6 @@ from proxykit.config.model import (
     TimeoutConfig,
     UpstreamKey,
 )
-from proxykit.upstream.proxy import DIRECT, parse_proxy
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -102,6 +103,7 @@ class _Reader(FieldReader):
             }),
             limits=self.limits(top.get("limits")),
             metrics=self.metrics(top.get("metrics")),
+            cache=self.cache(top.get("cache")),
         )
         self.check_fallbacks(config)
         return config
@@ -172,40 +174,6 @@ class _Reader(FieldReader):
             ))
         return tuple(result)
 
-    def static_headers(self, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
-        """A deployment's extra headers: names and values a request line can carry."""
-        if raw is None:
-            return ()
-        if not isinstance(raw, dict):
-            self.fail(path, "must be a mapping of header names to values")
-            return ()
-        headers = []
-        for name, value in raw.items():
-            text = self.expand(str(value), f"{path}.{name}") if isinstance(value, (str, int, float)) else None
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
-                self.fail(path, f"{name!r} is not a header name")
-            elif name.lower() in _RESERVED_HEADERS:
-                self.fail(f"{path}.{name}", "is set by proxykit itself")
-            elif text is None or not _fits_a_header(text):
-                self.fail(f"{path}.{name}", "must be a string of printable ASCII")
-            else:
-                headers.append((name.lower(), text))
-        return tuple(headers)
-
-    def proxy(self, raw: Any, path: str) -> str | None:
-        """A deployment's egress proxy: an http:// URL, or `none` for a direct connection."""
-        value = self.string(raw, path)
-        if value is None:
-            return None
-        value = value.strip()
-        if value.lower() == DIRECT:
-            return DIRECT
-        try:
-            parse_proxy(value)
-        except ValueError as exc:
-            self.fail(path, str(exc))
-        return value
-
     def api_keys(self, raw: Any, path: str, deployment: str) -> tuple[tuple[UpstreamKey, ...], str | None]:
         """A YAML list, a "k1,k2" string, or "file:PATH" with one key a line; none for a keyless upstream."""
         keys_file = None
@@ -232,7 +200,7 @@ class _Reader(FieldReader):
             if not secret:
                 self.fail(f"{path}[{i}]", "must be a non-empty key")
                 continue
-            if not _fits_a_header(secret):
+            if not fits_a_header(secret):
                 self.fail(f"{path}[{i}]", "must be printable ASCII (it is sent in a header)")
                 continue
             keys.append(UpstreamKey(alias=alias, secret=secret))
@@ -334,6 +302,21 @@ class _Reader(FieldReader):
             limits = limits if queue is None else replace(limits, queue_timeout=queue)
         return limits
 
+    def cache(self, raw: Any) -> CacheConfig:
+        entry = self.mapping(raw, "cache", ("enabled", "backend", "ttl", "max_bytes", "shared_between_clients"))
+        default = CacheConfig()
+        ttl = self.number(entry["ttl"], "cache.ttl", float) if entry.get("ttl") is not None else None
+        size = self.number(entry["max_bytes"], "cache.max_bytes", int, minimum=1024) \
+            if entry.get("max_bytes") is not None else None
+        return CacheConfig(
+            enabled=self.boolean(entry.get("enabled"), "cache.enabled", False),
+            backend=self.choice(entry.get("backend"), "cache.backend", CACHE_BACKENDS, "memory"),
+            ttl=default.ttl if ttl is None else ttl,
+            max_bytes=default.max_bytes if size is None else size,
+            shared_between_clients=self.boolean(entry.get("shared_between_clients"), "cache.shared_between_clients",
+                                                False),
+        )
+
     def metrics(self, raw: Any) -> MetricsConfig:
         entry = self.mapping(raw, "metrics", ("enabled", "path", "require_key"))
         path = self.string(entry.get("path"), "metrics.path") or "/metrics"
@@ -367,21 +350,10 @@ def read_key_file(path: str, reader: _Reader | None = None, field_path: str = "a
         return []
     keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     for number, key in enumerate(keys, 1):
-        if not _fits_a_header(key):
+        if not fits_a_header(key):
             message = f"key {number} of key file {path} must be printable ASCII (it is sent in a header)"
             if reader is None:
                 raise ValueError(message)
             reader.fail(field_path, message)
             return []
     return keys
-
-
-# Headers a deployment's `headers` may not set: the key's, the body's framing, the request's own.
-_RESERVED_HEADERS = frozenset({
-    "authorization", "x-api-key", "api-key", "host", "content-length", "transfer-encoding", "connection",
-    "x-request-id",
-})
-
-
-def _fits_a_header(secret: str) -> bool:
-    return secret.isascii() and secret.isprintable()

@@ -98,7 +98,7 @@ class RedisConnection:
             self._client = None
 
 
-def _redis_errors() -> tuple[type[Exception], ...]:
+def redis_errors() -> tuple[type[Exception], ...]:
     from redis.exceptions import ConnectionError, TimeoutError
 
     return ConnectionError, TimeoutError, OSError
@@ -110,7 +110,7 @@ class RedisRateLimiter:
     def __init__(self, connection: RedisConnection) -> None:
         self.connection = connection
         self.fallback = MemoryRateLimiter()
-        self._errors = _redis_errors()
+        self._errors = redis_errors()
         self._scripts: dict[str, Any] = {}  # registered on first use, when the client exists
 
     async def admit_all(self, takes: Sequence[Take]) -> list[Admission]:
@@ -157,7 +157,7 @@ class SharedKeyStates:
     def __init__(self, connection: RedisConnection, pool: KeyPool) -> None:
         self.connection = connection
         self.pool = pool
-        self._errors = _redis_errors()
+        self._errors = redis_errors()
 
     async def publish(self, state: KeyState) -> None:
         seconds = state.until - self.pool.clock()

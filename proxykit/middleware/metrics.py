@@ -86,6 +86,10 @@ class MetricsMiddleware:
             if previous is not None:
                 counts.append((metrics.retries, (model, previous), 1.0))
             previous = outcome
+        if ctx.cache is not None:
+            counts.append((metrics.cache_requests, (model, ctx.cache), 1.0))
+            if ctx.cache_saved_tokens:
+                counts.append((metrics.cache_saved_tokens, (model,), float(ctx.cache_saved_tokens)))
         self._count_tokens(ctx, counts)
         metrics.record(counts, observations)
 

@@ -139,25 +139,27 @@ def carries_usage(data: bytes, end: int | None = None) -> bool:
     return keys > 0 and keys > data.count(b'"usage":null', 0, end) + data.count(b'"usage": null', 0, end)
 
 
-def without_usage_events(chunk: bytes, *, starts_an_event: bool) -> tuple[bytes, dict[str, Any] | None]:
+def without_usage_events(
+    chunk: bytes, *, starts_an_event: bool,
+) -> tuple[bytes, dict[str, Any] | None, bytes | None]:
     """`chunk` without its usage-only events (`"choices": []` plus `usage`), for a stream whose
     client did not ask for them: proxykit asked the upstream for usage itself, to count tokens.
-    Also the usage of the last event removed, if any.
+    Also the usage of the last event removed, and that event's bytes, if any.
 
     Only whole events inside one chunk are removed, and nothing is ever held back: an event split
     across reads passes through untouched (the SDKs accept it; it is what `include_usage` sends).
     `starts_an_event`: the chunk before ended an event."""
     parts = chunk.split(b"\n\n")
     kept = []
-    removed = None
+    removed, removed_event = None, None
     for i, part in enumerate(parts):
         whole = (i > 0 or starts_an_event) and i < len(parts) - 1
         usage = _usage_only(part) if whole else None
         if usage is None:
             kept.append(part)
         else:
-            removed = usage
-    return b"\n\n".join(kept), removed
+            removed, removed_event = usage, part
+    return b"\n\n".join(kept), removed, removed_event
 
 
 def _usage_only(event: bytes) -> dict[str, Any] | None:
