@@ -22,6 +22,7 @@ import yaml
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "pk-bench"
 SPLICE = "tcp splice"
+CACHE_HIT, CACHE_MISS = "proxykit full, cache hits", "proxykit full, cache misses"
 
 # No cost-map download at start, quiet logs, and no master key: it would refuse to start without one.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
@@ -101,9 +102,12 @@ def peak_rss_mib(pid: int) -> float:
     return total
 
 
-def proxykit_config(upstream: str, *, full: bool, redis_url: str | None = None) -> dict[str, object]:
+def proxykit_config(
+    upstream: str, *, full: bool, redis_url: str | None = None, cache: bool = False,
+) -> dict[str, object]:
     """Bare: forwarding only (no auth, no metrics, no retry, one key). Full: auth, a pool of 100
-    upstream keys with usage-based rotation, client limits too high to trigger, retry, metrics."""
+    upstream keys with usage-based rotation, client limits too high to trigger, retry, metrics;
+    `cache`: and the response cache in memory."""
     if not full:
         return {
             "models": [{"name": "bench", "deployments": [{"base_url": f"{upstream}/v1", "api_keys": ["sk-bench"]}]}],
@@ -119,6 +123,8 @@ def proxykit_config(upstream: str, *, full: bool, redis_url: str | None = None) 
     }
     if redis_url:
         data["limits"] = {"backend": "redis", "redis_url": redis_url}
+    if cache:
+        data["cache"] = {"enabled": True}
     return data
 
 
@@ -136,6 +142,7 @@ class Target:
     name: str
     url: str
     pid: int | None  # the proxy's process, for CPU and memory; None for the direct connection
+    unique_bodies: bool = False  # every request a new body: with the cache on, every one a miss
 
 
 @dataclass
@@ -151,12 +158,13 @@ class Fleet:
 
 def start_fleet(
     tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None, splice: bool = False,
+    cache: bool = False,
 ) -> Fleet:
     """`splice`: also the raw TCP splice, the least a Python relay can do. The streaming part asks
     for it: it shows whether this machine can relay the streams one event a read at all."""
     fleet = Fleet()
     try:
-        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice)
+        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache)
     except BaseException:
         fleet.close()
         raise
@@ -165,6 +173,7 @@ def start_fleet(
 
 def _start_fleet(
     fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, splice: bool,
+    cache: bool,
 ) -> None:
     def add(name: str, command: list[str], port: int, core: int, env: dict[str, str] | None = None) -> None:
         process = start(command, core, env)
@@ -188,12 +197,17 @@ def _start_fleet(
                 "proxykit full": proxykit_config(upstream, full=True)}
     if redis_url:
         variants["proxykit full, redis"] = proxykit_config(upstream, full=True, redis_url=redis_url)
+    if cache:
+        variants[CACHE_HIT] = proxykit_config(upstream, full=True, cache=True)
     for name, data in variants.items():
         port = free_port()
         path = tmp / f"proxykit-{port}.yaml"
         path.write_text(yaml.safe_dump(data))
         add(name, [python, "-m", "proxykit", "serve", "--config", str(path), "--port", str(port),
                    "--log-level", "warning"], port, PROXY_CORE)
+    if cache:  # the same process, asked a new body each time
+        hit = fleet.targets[-1]
+        fleet.targets.append(Target(CACHE_MISS, hit.url, hit.pid, unique_bodies=True))
     if litellm:
         port = free_port()
         path = tmp / f"litellm-{port}.yaml"

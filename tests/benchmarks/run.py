@@ -28,6 +28,8 @@ from typing import Any
 import uvloop
 
 from tests.benchmarks.processes import (
+    CACHE_HIT,
+    CACHE_MISS,
     LOAD_CORE,
     SPLICE,
     Fleet,
@@ -38,7 +40,7 @@ from tests.benchmarks.processes import (
     start_fleet,
 )
 from tests.benchmarks.streams import Stream, load, quantile
-from tests.benchmarks.throughput import POST_SCRIPT, run_wrk
+from tests.benchmarks.throughput import POST_SCRIPT, UNIQUE_POST_SCRIPT, run_wrk
 
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 16, 64, 256)
@@ -86,17 +88,18 @@ def main() -> None:
 
 def plain(tmp: Path, args: argparse.Namespace, redis_url: str | None) -> list[dict[str, Any]]:
     """Non-streaming: every concurrency and upstream latency, every target."""
-    script = tmp / "post.lua"
+    script, unique = tmp / "post.lua", tmp / "unique.lua"
     script.write_text(POST_SCRIPT)
+    unique.write_text(UNIQUE_POST_SCRIPT)
     cells: list[dict[str, Any]] = []
     for latency in LATENCIES_MS:
-        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url) as fleet:
+        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url, cache=True) as fleet:
             runs: dict[tuple[int, str], list[dict[str, float]]] = {}
             for _ in range(args.repeat):
                 for concurrency in CONCURRENCY:
                     for target in fleet.targets:
                         runs.setdefault((concurrency, target.name), []).append(
-                            run_wrk(target, concurrency, args.seconds, script))
+                            run_wrk(target, concurrency, args.seconds, unique if target.unique_bodies else script))
             for (concurrency, name), measured in runs.items():
                 cells.append({"latency_ms": latency, "concurrency": concurrency, "target": name, "runs": measured,
                               **_medians(measured)})
@@ -196,6 +199,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if full and floor:
         ratio = full["rps"] / floor["rps"]
         check("full stack req/s at 64 vs floor", ">= 0.50", ratio, ratio >= 0.5)
+    hits, misses = (_cell(plain_cells, name, 0, 64) for name in (CACHE_HIT, CACHE_MISS))
+    if hits and floor:
+        ratio = hits["rps"] / floor["rps"]
+        check("cache hits req/s at 64 vs floor", ">= 2x", ratio, ratio >= 2)
+    if misses and full:
+        ratio = misses["rps"] / full["rps"]
+        check("cache misses req/s at 64 vs full stack", ">= 0.95", ratio, ratio >= 0.95)
+        worse = misses["p99_ms"] / full["p99_ms"]
+        check("cache misses p99 at 64 vs full stack", "<= 1.0x (noise aside)", worse, worse <= 1.1)
     full1, floor1, direct1 = (_cell(plain_cells, name, 0, 1) for name in (FULL, "floor", "direct"))
     if full1 and floor1 and direct1:
         extra = full1["p50_ms"] - floor1["p50_ms"]
@@ -304,8 +316,9 @@ def _num(value: float, digits: int) -> str:
 @contextmanager
 def _fleet(
     tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, *, splice: bool = False,
+    cache: bool = False,
 ) -> Iterator[Fleet]:
-    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice)
+    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache)
     try:
         yield fleet
     finally:

@@ -16,6 +16,17 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"
 """
 
+# Every request a body never sent before (a `user` from a counter that starts at the run's second
+# times a million), so with the cache on every one is a miss.
+UNIQUE_POST_SCRIPT = f"""counter = os.time() * 1000000
+request = function()
+  counter = counter + 1
+  local body = '{{"model": "bench", "user": "' .. counter .. '", "messages": [{{"role": "user", "content": "hello"}}]}}'
+  local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {CLIENT_KEY}"}}
+  return wrk.format("POST", nil, headers, body)
+end
+"""
+
 _SCALE_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
