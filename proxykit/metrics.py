@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 import time
@@ -18,12 +19,14 @@ from prometheus_client.registry import Collector
 
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyStatus
+from proxykit.lag import LoopLagProbe
 
 MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 TTFB_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 OVERHEAD_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 FLUSH_EVERY: Final = 1.0  # seconds: the longest pending numbers wait (memory), not what a scrape sees
+FOLD_SLICE: Final = 500  # histogram observations folded per loop turn (well under a millisecond)
 
 Labels = tuple[str, ...]
 Change = tuple[Counter | Gauge, Labels, float]  # added to a counter or gauge
@@ -66,6 +69,8 @@ class ProxyMetrics:
         self.cache_saved_tokens = Counter("proxykit_cache_saved_tokens_total",
                                           "Prompt and completion tokens of answers served from the cache.",
                                           ["model"], registry=registry)
+        self.loop_lag = LoopLagProbe()  # started with the app's resources, on their event loop
+        registry.register(self.loop_lag)
         self.key_collector = KeyAvailabilityCollector(pool)
         registry.register(self.key_collector)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -79,6 +84,7 @@ class ProxyMetrics:
         self._observed: defaultdict[tuple[Histogram, Labels], list[float]] = defaultdict(list)
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flush_due = 0.0  # time.monotonic() when the timer should have fired
+        self._folding: Iterator[tuple[Any, float]] | None = None  # observations a spread fold has yet to make
 
     def add(self, metric: Counter | Gauge, labels: Labels, amount: float = 1.0) -> None:
         """Adds to a counter, or to a gauge (`amount` may be negative)."""
@@ -96,17 +102,35 @@ class ProxyMetrics:
         self._flush_later()
 
     def flush(self) -> None:
-        """Folds every pending change into the metrics."""
+        """Folds every pending change into the metrics, at once (a scrape, shutdown)."""
+        self._fold_counts()
+        self._observe(self._take_observations(), limit=None)
+
+    def _fold_counts(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, defaultdict(float)
-            observed, self._observed = self._observed, defaultdict(list)
         for (metric, labels), amount in counts.items():
             if amount:
                 self.labelled(metric, *labels).inc(amount)
-        for (histogram, labels), values in observed.items():
-            child = self.labelled(histogram, *labels)
-            for value in values:
-                child.observe(value)
+
+    def _take_observations(self) -> Iterator[tuple[Any, float]]:
+        """Pending histogram observations, with those a spread fold has not reached yet."""
+        with self._lock:
+            observed, self._observed = self._observed, defaultdict(list)
+        taken = ((self.labelled(histogram, *labels), value)
+                 for (histogram, labels), values in observed.items() for value in values)
+        left, self._folding = self._folding, None
+        return itertools.chain(left, taken) if left is not None else taken
+
+    def _observe(self, pending: Iterator[tuple[Any, float]], *, limit: int | None) -> bool:
+        """Observes up to `limit` values; True when some are left."""
+        for child, value in itertools.islice(pending, limit):
+            child.observe(value)
+        if limit is None:
+            return False
+        more = next(pending, None)
+        self._folding = None if more is None else itertools.chain([more], pending)
+        return more is not None
 
     def _flush_later(self) -> None:
         if self._write_at_once:
@@ -114,12 +138,25 @@ class ProxyMetrics:
         # A timer overdue by a second belonged to an event loop that has ended (a host may run the
         # app on one loop after another): set one on this loop.
         elif self._flush_timer is None or time.monotonic() > self._flush_due + 1.0:
-            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self._timed_flush)
+            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush_spread)
             self._flush_due = time.monotonic() + FLUSH_EVERY
 
-    def _timed_flush(self) -> None:
+    def flush_spread(self) -> None:
+        """A second's worth of histogram observations is thousands of `observe()` calls: they are
+        folded a slice a loop turn, so no request waits behind all of them."""
         self._flush_timer = None
-        self.flush()
+        self._fold_counts()
+        self._fold_slice(self._take_observations())
+
+    def _fold_slice(self, pending: Iterator[tuple[Any, float]]) -> None:
+        if self._observe(pending, limit=FOLD_SLICE) and self._folding is not None:
+            folding = self._folding
+            asyncio.get_running_loop().call_soon(self._continue_fold, folding)
+
+    def _continue_fold(self, folding: Iterator[tuple[Any, float]]) -> None:
+        if self._folding is folding:  # not taken meanwhile by a flush at once
+            self._folding = None
+            self._fold_slice(folding)
 
     def close(self) -> None:
         """At shutdown: nothing stays pending (a `--workers` process writes its last numbers)."""

@@ -107,6 +107,8 @@ class Resources:
             trust_env=False,
         )
         self.upkeep = PoolUpkeep(self.keys, self._client, shared=self.shared_keys)
+        if self.metrics is not None:
+            self.metrics.loop_lag.start(asyncio.get_running_loop())
         # A plain task, not a task group: the lazy open on a first request has no group to join.
         self._upkeep_task = asyncio.get_running_loop().create_task(self.upkeep.run())
         self.state = ResourceState.OPENED
@@ -152,6 +154,7 @@ class Resources:
         if self.cache is not None:
             await self.cache.aclose()
         if self.metrics is not None:
+            self.metrics.loop_lag.stop()
             self.metrics.close()
         self.state = ResourceState.CLOSED
 

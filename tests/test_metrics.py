@@ -366,3 +366,29 @@ async def test_an_upstream_usage_of_400_digits_is_not_counted_and_leaves_nothing
     assert value(text, "proxykit_tokens_total", type="prompt") == 0  # not a count any upstream could mean
     assert value(text, "proxykit_tokens_total", type="completion") == 3
     assert value(text, "proxykit_in_flight_requests", model="chat") == 0
+
+
+async def test_a_seconds_worth_of_observations_is_folded_a_slice_a_loop_turn() -> None:
+    pool = KeyPool(config_from_dict(make_config()))
+    metrics = ProxyMetrics(prometheus_client.CollectorRegistry(), pool)
+    observations = [(metrics.duration, ("chat",), 0.01)] * (3 * proxykit.metrics.FOLD_SLICE + 7)
+    metrics.record((), observations)
+    metrics.flush_spread()  # what the one-second timer runs
+
+    def folded() -> float:  # read from the histogram itself: a registry's collection would fold it all
+        [family] = metrics.duration.collect()
+        return next(s.value for s in family.samples if s.name.endswith("_count") and s.labels["model"] == "chat")
+
+    assert round(folded()) == proxykit.metrics.FOLD_SLICE  # one slice now, not all of them
+    for _ in range(10):
+        await asyncio.sleep(0)  # the loop turns: the rest follows, a slice at a time
+    assert round(folded()) == len(observations)
+    metrics.close()
+
+
+async def test_the_event_loop_lag_is_exported_and_read_once() -> None:
+    async with respx_proxy(make_config()) as (_, client):
+        await asyncio.sleep(0.05)
+        first = (await client.get("/metrics")).text
+    assert value(first, "proxykit_event_loop_lag_seconds") >= 0
+    assert "# TYPE proxykit_event_loop_lag_seconds gauge" in first

@@ -235,9 +235,9 @@ def _cell(cells: list[dict[str, Any]], target: str, latency: int | None, concurr
 def report(results: dict[str, Any]) -> None:
     if cells := results.get("plain"):
         print("\n## Non-streaming (~1 KB chat completion; median of runs, range in brackets)\n")
-        print("| upstream | conc. | target | req/s | vs floor | vs LiteLLM | p50 ms | p99 ms | added p50 ms "
-              "| CPU s / 1k req | vs floor | errors |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| upstream | conc. | target | req/s | vs floor | vs LiteLLM | p50 ms | p99 ms | p99.9 ms "
+              "| added p50 ms | CPU s / 1k req | vs floor | longest loop stall ms | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for cell in cells:
             key = (cell["latency_ms"], cell["concurrency"])
             same = [c for c in cells if (c["latency_ms"], c["concurrency"]) == key]
@@ -246,8 +246,9 @@ def report(results: dict[str, Any]) -> None:
             print(f"| {cell['latency_ms']} ms | {cell['concurrency']} | {cell['target']} "
                   f"| {cell['rps']:,.0f} [{low:,.0f}-{high:,.0f}] | {_ratio(cell, floor, 'rps', 2)} "
                   f"| {_ratio(cell, litellm, 'rps', 1)} | {cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} "
-                  f"| {_added(cell, direct)} | {_num(cell['cpu_s_per_1k'], 3)} "
-                  f"| {_ratio(cell, floor, 'cpu_s_per_1k', 2)} | {cell['errors']:.0f} |")
+                  f"| {_num(cell.get('p999_ms', math.nan), 2)} | {_added(cell, direct)} "
+                  f"| {_num(cell['cpu_s_per_1k'], 3)} | {_ratio(cell, floor, 'cpu_s_per_1k', 2)} "
+                  f"| {_num(cell.get('loop_stall_ms', math.nan), 1)} | {cell['errors']:.0f} |")
     if cells := results.get("streams"):
         print("\n## Streaming (50 events 2 ms apart)\n")
         print("| conc. | target | first event p50 / p99 ms | p99 vs floor | total p50 ms | largest gap p99 ms "

@@ -8,24 +8,33 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.benchmarks.processes import CLIENT_KEY, LOAD_CORE, Target, cpu_seconds
+
+# wrk prints p50/p75/p90/p99 only; the tail past p99 is asked of its latency histogram.
+_TAIL = """done = function(summary, latency, requests)
+  io.write(string.format("p999_us %d\\n", latency:percentile(99.9)))
+end
+"""
 
 POST_SCRIPT = f"""wrk.method = "POST"
 wrk.body = '{{"model": "bench", "messages": [{{"role": "user", "content": "hello"}}]}}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"
-"""
+""" + _TAIL
+
 
 # Every request a body never sent before (a `user` from a counter that starts at the run's second
 # times a million), so with the cache on every one is a miss.
-UNIQUE_POST_SCRIPT = f"""counter = os.time() * 1000000
+UNIQUE_POST_SCRIPT = f"""counter = os.time() % 1000000 * 1000000
 request = function()
   counter = counter + 1
   local body = '{{"model": "bench", "user": "' .. counter .. '", "messages": [{{"role": "user", "content": "hello"}}]}}'
   local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {CLIENT_KEY}"}}
   return wrk.format("POST", nil, headers, body)
 end
-"""
+""" + _TAIL
 
 _SCALE_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
@@ -40,6 +49,7 @@ def run_wrk(target: Target, concurrency: int, seconds: int, script: Path) -> dic
     # hundreds of new connections by 1-4 s, through the floor as through proxykit (whose own
     # access log showed nothing over 0.2 s): a pause lets the loopback settle.
     time.sleep(1)
+    _loop_stall_ms(target)  # read once before: the probe reports the worst since the last read
     cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
     output = subprocess.run(
         ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s",
@@ -55,7 +65,22 @@ def run_wrk(target: Target, concurrency: int, seconds: int, script: Path) -> dic
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         "p50_ms": _ms(output, "50%"),
         "p99_ms": _ms(output, "99%"),
+        "p999_ms": float(tail.group(1)) / 1000 if (tail := re.search(r"^p999_us (\d+)$", output, re.MULTILINE))
+        else float("nan"),
+        "loop_stall_ms": _loop_stall_ms(target),
         "requests": requests,
         "errors": errors,
         "cpu_s_per_1k": cpu / requests * 1000 if requests else float("nan"),
     }
+
+
+def _loop_stall_ms(target: Target) -> float:
+    """The longest event-loop stall of a proxykit target since the last read of its metrics."""
+    if not target.name.startswith("proxykit"):
+        return float("nan")
+    try:
+        text = httpx.get(f"{target.url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return float("nan")
+    found = re.search(r"^proxykit_event_loop_lag_seconds ([\d.e+-]+)$", text, re.MULTILINE)
+    return float(found.group(1)) * 1000 if found else float("nan")
