@@ -63,13 +63,12 @@ class Forwarder:
         await self.resources.ensure_open()
         ctx = ensure_context(scope)
         chosen_here = ctx.key is None  # no key-rotation layer in front: take the next key ourselves
-        request = await or_answer(self._prepare(scope, receive, ctx, chosen_here), scope, receive, send)
-        if request is None:
-            return
         try:
-            await self._forward(request, ctx, scope, receive, send, learns=chosen_here)
+            request = await or_answer(self._prepare(scope, receive, ctx, chosen_here), scope, receive, send)
+            if request is not None:
+                await self._forward(request, ctx, scope, receive, send, learns=chosen_here)
         finally:
-            if chosen_here and ctx.key is not None:
+            if chosen_here and ctx.key is not None:  # chosen here: given back here, whatever happened
                 self.resources.keys.release(ctx.key)
                 ctx.key = None
 
