@@ -223,9 +223,11 @@ def banner(config: Config, host: str, port: int, workers: int = 1) -> str:
     deployments = [deployment for model in config.models for deployment in model.deployments]
     keys = sum(_key_count(deployment) for deployment in deployments)
     processes = f", {workers} workers" if workers > 1 else ""
+    cache = f"cache {config.cache.backend}" if config.cache.enabled else "cache off"
     return (
         f"proxykit serving {len(config.models)} models ({len(deployments)} deployments, {keys} upstream keys) "
-        f"at http://{host}:{port}/v1, auth {'on' if config.auth.enabled else 'off'}{processes}"
+        f"at http://{host}:{port}/v1, auth {'on' if config.auth.enabled else 'off'}, limits {config.limits.backend}, "
+        f"{cache}{processes}"
     )
 
 

@@ -110,6 +110,9 @@ async def test_demo_serves_streams_and_prints_a_curl_line(tmp_path: Path) -> Non
     assert "reasoning_content" in first["choices"][0]["delta"]
     assert "curl -N http://127.0.0.1:" in proxy.output
     assert "demo-upstream-key" not in proxy.output
+    assert proxy.output.count("Uvicorn running on") == 1  # the demo upstream starts quietly
+    assert proxy.output.count("Started server process") == 1
+    assert "ready: taking requests at http://127.0.0.1:" in proxy.output
 
 
 def test_sample_config_in_examples_is_valid() -> None:

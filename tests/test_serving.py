@@ -133,3 +133,6 @@ async def test_limit_concurrency_refuses_what_is_past_it_with_503(tmp_path: Path
         after = await flight.client.get(f"{flight.proxy.url}/health")  # the stream's connection, now free
     assert refused.status_code == 503
     assert after.status_code == 200
+    # The start banner says what is served, without a key.
+    assert "proxykit serving 1 models (1 deployments, 2 upstream keys) at http://127.0.0.1:" in flight.proxy.output
+    assert "auth off, limits memory, cache off" in flight.proxy.output
