@@ -7,18 +7,18 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 # Routes whose POST answers are cached: the same request always means the same answer.
 CACHEABLE_PATHS: Final = frozenset({"/chat/completions", "/completions", "/embeddings"})
-_ENTRY_OVERHEAD: Final = 512  # bytes an entry costs beyond its body: the objects that hold it
-_CHUNK_OVERHEAD: Final = 40  # and each of its chunks
+_MAGIC: Final = b"PK1"
+_HEADER: Final = struct.Struct("!3sHBQdHI")  # magic, status, stream, tokens, stored at, type length, chunks
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +33,6 @@ class CacheEntry:
     tokens: int  # prompt + completion: what a hit saves
     stored_at: float = field(default_factory=time.time)
 
-    @property
-    def size(self) -> int:
-        """Bytes counted against `max_bytes`: the body and headers, and what holds them."""
-        body = sum(map(len, self.chunks))
-        return body + len(self.content_type) + _ENTRY_OVERHEAD + _CHUNK_OVERHEAD * len(self.chunks)
-
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.stored_at)
 
@@ -46,25 +40,34 @@ class CacheEntry:
         age = self.age()
         return age <= ttl and (max_age is None or age <= max_age)
 
-    def to_bytes(self) -> bytes:
-        return json.dumps({
-            "status": self.status, "content_type": self.content_type.decode("latin-1"),
-            "chunks": [base64.b64encode(chunk).decode() for chunk in self.chunks],
-            "stream": self.stream, "tokens": self.tokens, "stored_at": self.stored_at,
-        }).encode()
+    def pack(self) -> bytes:
+        """One bytes object: the form both backends keep. In memory it matters that it is one:
+        the garbage collector has nothing to walk in a cache of thousands of entries."""
+        header = _HEADER.pack(_MAGIC, self.status, self.stream, self.tokens, self.stored_at,
+                              len(self.content_type), len(self.chunks))
+        lengths = struct.pack(f"!{len(self.chunks)}I", *map(len, self.chunks))
+        return b"".join((header, self.content_type, lengths, *self.chunks))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> CacheEntry | None:
-        """None for anything that is not an entry this version wrote."""
+    def unpack(cls, data: bytes) -> CacheEntry | None:
+        """None for anything that is not an entry this version packed."""
         try:
-            raw = json.loads(data)
-            return cls(
-                status=int(raw["status"]), content_type=str(raw["content_type"]).encode("latin-1"),
-                chunks=tuple(base64.b64decode(chunk) for chunk in raw["chunks"]), stream=bool(raw["stream"]),
-                tokens=int(raw["tokens"]), stored_at=float(raw["stored_at"]),
-            )
-        except (ValueError, KeyError, TypeError):
+            magic, status, stream, tokens, stored_at, type_length, count = _HEADER.unpack_from(data)
+            if magic != _MAGIC:
+                return None
+            at = _HEADER.size + type_length
+            lengths = struct.unpack_from(f"!{count}I", data, at)
+            at += 4 * count
+            chunks = []
+            for length in lengths:
+                chunks.append(data[at:at + length])
+                at += length
+            if at != len(data):
+                return None
+        except struct.error:
             return None
+        content_type = data[_HEADER.size:_HEADER.size + type_length]
+        return cls(status, content_type, tuple(chunks), bool(stream), tokens, stored_at)
 
 
 class CacheBackend(Protocol):
@@ -82,7 +85,8 @@ def cache_key(*, client: str | None, path: str, payload: dict[str, Any]) -> str:
     """SHA-256 of the client (None when entries are shared), the path without `/v1`, the
     requested model and the body as canonical JSON; `stream` is in the body, `stream_options`
     is not (the stored stream holds its usage event, replayed only to a client that asks)."""
-    body = {name: value for name, value in payload.items() if name != "stream_options"}
+    body = payload if "stream_options" not in payload else {
+        name: value for name, value in payload.items() if name != "stream_options"}
     text = json.dumps([client, path, payload.get("model"), body], sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

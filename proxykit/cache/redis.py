@@ -30,10 +30,10 @@ class RedisCache:
             self.connection.failed(exc)
             return None
         self.connection.answered()
-        return CacheEntry.from_bytes(data) if isinstance(data, bytes) else None
+        return CacheEntry.unpack(data) if isinstance(data, bytes) else None
 
     async def set(self, key: str, entry: CacheEntry, ttl: float) -> None:
-        data = entry.to_bytes()
+        data = entry.pack()
         if len(data) > MAX_ENTRY_BYTES or not self.connection.usable:
             return
         try:

@@ -211,6 +211,14 @@ async def test_the_openai_sdk_reads_a_streamed_hit() -> None:
     assert texts[0] and texts[0] == texts[1]
 
 
+async def test_entries_pack_into_one_bytes_object_and_back() -> None:
+    entry = CacheEntry(status=200, content_type=b"text/event-stream", chunks=(b"data: 1\n\n", b"", b"data: [DONE]\n\n"),
+                       stream=True, tokens=12)
+    assert CacheEntry.unpack(entry.pack()) == entry
+    assert CacheEntry.unpack(b"not an entry") is None
+    assert CacheEntry.unpack(entry.pack()[:-1]) is None  # cut short: refused, never misread
+
+
 async def test_memory_entries_leave_least_recently_used_first_within_the_byte_bound() -> None:
     cache = MemoryCache(max_bytes=100_000)
     entry = CacheEntry(status=200, content_type=b"application/json", chunks=(b"x" * 9_000,), stream=False, tokens=1)
