@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 
 from proxykit import __version__
 from proxykit.app import create_app
-from proxykit.config import Config, ConfigError, Deployment
+from proxykit.config import Config, ConfigError
 from proxykit.config.litellm import import_litellm
 from proxykit.config.reader import config_from_dict, load_config
 from proxykit.demo import DemoUpstream, demo_config
@@ -151,8 +151,8 @@ def import_from_litellm(path: str) -> int:
 
 def summary(config: Config) -> str:
     """Models, deployments and key counts; never a key."""
-    deployments = [deployment for model in config.models for deployment in model.deployments]
-    keys = sum(_key_count(deployment) for deployment in deployments)
+    deployments = config.deployments
+    keys = sum(deployment.key_count for deployment in deployments)
     lines = [
         f"config OK: {len(config.models)} models, {len(deployments)} deployments, {keys} upstream keys, "
         f"{len(config.auth.keys)} client keys (auth {'on' if config.auth.enabled else 'off'})",
@@ -161,7 +161,7 @@ def summary(config: Config) -> str:
         fallbacks = f" (fallbacks: {', '.join(model.fallbacks)})" if model.fallbacks else ""
         lines.append(f"  model {model.name}{fallbacks}")
         for deployment in model.deployments:
-            count = _key_count(deployment)
+            count = deployment.key_count
             keys_text = f"{count} keys" + (" from a file" if deployment.keys_file else "") if count else "no key"
             lines.append(
                 f"    deployment {deployment.name}: {printable_url(deployment.base_url)} "
@@ -173,10 +173,6 @@ def summary(config: Config) -> str:
                     f"{printable_url(deployment.base_url)}/chat/completions and the like"
                 )
     return "\n".join(lines)
-
-
-def _key_count(deployment: Deployment) -> int:
-    return sum(1 for key in deployment.api_keys if key.secret)  # a keyless upstream has one empty "key"
 
 
 def _has_a_path(base_url: str) -> bool:
@@ -220,8 +216,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def banner(config: Config, host: str, port: int, workers: int = 1) -> str:
     """One line: what `serve` is about to serve, and where; never a key."""
-    deployments = [deployment for model in config.models for deployment in model.deployments]
-    keys = sum(_key_count(deployment) for deployment in deployments)
+    deployments = config.deployments
+    keys = sum(deployment.key_count for deployment in deployments)
     processes = f", {workers} workers" if workers > 1 else ""
     cache = f"cache {config.cache.backend}" if config.cache.enabled else "cache off"
     return (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -16,9 +15,9 @@ from starlette.types import Receive, Scope, Send
 from proxykit.body import ensure_payload, or_answer, requested_model
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import InvalidRequest, NoUpstreamAvailable, ProxyError, UpstreamError
+from proxykit.errors import InvalidRequest, ProxyError, UpstreamError
 from proxykit.headers import downstream_headers, upstream_headers
-from proxykit.keys.choice import choose_key, describe, describe_none, learn
+from proxykit.keys.choice import choose_key, learn, no_key_error
 from proxykit.keys.state import KeyState
 from proxykit.outcomes import Outcome, outcome_of
 from proxykit.paths import leaves_its_base, route_path
@@ -90,9 +89,7 @@ class Forwarder:
         pool = self.resources.keys
         chosen = choose_key(pool, model, tried=ctx.tried, skip_deployments=ctx.skip_deployments)
         if chosen is None:
-            why = pool.why_none(model.name)
-            seconds = max(1, math.ceil(why.retry_after))
-            raise NoUpstreamAvailable(describe_none(why, seconds), headers={"retry-after": str(seconds)})
+            raise no_key_error(pool.why_none(model.name))
         state, ctx.served_by = chosen
         ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
         ctx.tried.append(state)
@@ -148,7 +145,7 @@ class Forwarder:
                 watch.stop()
                 ctx.record_attempt(error.outcome or Outcome.CONNECT_ERROR)
                 if learns:
-                    self._learn(ctx, error.status, [])
+                    self._learn(ctx, error.status, ())
                 await send_error(error, scope, receive, send)
                 return
             if learns:
@@ -172,9 +169,7 @@ class Forwarder:
 
     def _learn(self, ctx: RequestContext, status: int, raw_headers: Iterable[tuple[bytes, bytes]]) -> None:
         assert ctx.key is not None and ctx.outcome is not None
-        reason = learn(self.resources.keys, ctx.key, status, ctx.outcome, raw_headers, ctx.attempt_ttfb)
-        if reason:
-            logger.warning("upstream key %s is %s", ctx.key.alias, describe(reason))
+        learn(self.resources.keys, ctx.key, status, ctx.outcome, raw_headers, ctx.attempt_ttfb)
 
     def _current_task(self) -> asyncio.Task[Any]:
         # asyncio.current_task() asks for the running loop, and on Python 3.11 that costs a

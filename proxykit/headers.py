@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from starlette.types import Message
+from starlette.types import Message, Send
+
+from proxykit.sends import step_aside
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -66,3 +68,15 @@ def set_response_headers(start: Message, headers: Sequence[tuple[bytes, bytes]])
     percent of the proxy's CPU per request."""
     names = {name for name, _ in headers}
     start["headers"] = [pair for pair in start.get("headers", ()) if pair[0] not in names] + list(headers)
+
+
+def adding_headers(send: Send, headers: Sequence[tuple[bytes, bytes]]) -> Send:
+    """A `send` that sets `headers` on the response's start and steps aside for its body."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            set_response_headers(message, headers)
+        await send(message)
+
+    step_aside(send_with_headers, send)  # the start is all it changes
+    return send_with_headers

@@ -22,7 +22,7 @@ PROBE_TIMEOUT = 10.0
 async def probe(config: Config) -> tuple[list[str], bool]:
     """A line per deployment, and whether every one answered 200."""
     transport = Http1Transport(max_connections=64, proxies=proxy_rules(config, os.environ))
-    deployments = [deployment for model in config.models for deployment in model.deployments]
+    deployments = config.deployments
     async with httpx.AsyncClient(transport=transport, timeout=PROBE_TIMEOUT, trust_env=False) as client:
         results = await asyncio.gather(*(_probe_one(client, deployment) for deployment in deployments))
     return [line for line, _ in results], all(ok for _, ok in results)

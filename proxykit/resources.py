@@ -171,6 +171,6 @@ def proxy_rules(config: Config, environ: Mapping[str, str]) -> ProxyRules:
     """The environment's proxies, and each deployment's own `proxy` where it names one."""
     own = {
         deployment.base_url: deployment.proxy
-        for model in config.models for deployment in model.deployments if deployment.proxy is not None
+        for deployment in config.deployments if deployment.proxy is not None
     }
     return ProxyRules.from_environment(environ, own)

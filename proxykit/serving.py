@@ -64,6 +64,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self._too_large = f"the request's header block is larger than {limits.max_header_bytes} bytes"
         self._head_bytes = 0  # bytes read since the request began, while its headers are incomplete
         self._header_size = 0  # the request line and headers parsed so far
         self._header_count = 0
@@ -105,7 +106,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # A header the parser still assembles is not in `_header_size` yet: the raw count
             # bounds it. Checked after parsing: the read that ends the headers may carry body bytes.
             if self._head_bytes > self.limits.max_header_bytes:
-                self._refuse(431, f"the request's header block is larger than {self.limits.max_header_bytes} bytes")
+                self._refuse(431, self._too_large)
             elif self._head_bytes:
                 self._arm_header_timer()  # headers incomplete after a read: timed from here on
         elif self.cycle is not None and self.cycle.more_body:
@@ -134,7 +135,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _check_header_size(self) -> None:
         if self._header_size > self.limits.max_header_bytes:
-            raise _Refused(431, f"the request's header block is larger than {self.limits.max_header_bytes} bytes")
+            raise _Refused(431, self._too_large)
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -68,6 +68,11 @@ class Deployment:
     auth_header: str = "authorization"  # how the key goes: authorization (Bearer KEY) | x-api-key | api-key
     headers: tuple[tuple[str, str], ...] = ()  # static headers, e.g. (("anthropic-version", "2023-06-01"),)
 
+    @property
+    def key_count(self) -> int:
+        """Keys it holds; a keyless upstream (a local vLLM) holds one empty key, and counts none."""
+        return sum(1 for key in self.api_keys if key.secret)
+
 
 @dataclass(frozen=True, slots=True)
 class Pricing:
@@ -162,3 +167,8 @@ class Config:
 
     def model(self, name: str) -> ModelConfig | None:
         return self._by_name.get(name)
+
+    @property
+    def deployments(self) -> list[Deployment]:
+        """Every deployment of every model."""
+        return [deployment for model in self.models for deployment in model.deployments]

@@ -4,16 +4,22 @@ used alone.
 
     chosen = choose_key(pool, model, tried=tried, skip_deployments=skip)
     reason = learn(pool, state, status, outcome, headers, ttfb)
+    raise no_key_error(pool.why_none(model.name))
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable
 
 from proxykit.config import ModelConfig
+from proxykit.errors import NoUpstreamAvailable
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState, NoKey
 from proxykit.outcomes import Outcome, RestReason
+
+logger = logging.getLogger(__name__)
 
 _DESCRIPTIONS = {
     RestReason.RATE_LIMITED: "rate limited (429)",
@@ -57,24 +63,30 @@ def learn(
     pool: KeyPool, state: KeyState, status: int, outcome: Outcome,
     raw_headers: Iterable[tuple[bytes, bytes]], ttfb: float | None,
 ) -> RestReason | None:
-    """Applies an upstream answer to the key that got it; returns why the key now rests, if it does."""
+    """Applies an upstream answer to the key that got it; returns (and logs) why the key now
+    rests, if it does."""
     if status in (401, 403):
         outcome = Outcome.AUTH_ERROR  # the key's fault, not the client's
     headers = {  # only what key state reads: rate-limit and retry-after headers
         name.decode("latin-1").lower(): value.decode("latin-1")
         for name, value in raw_headers if name.lower().startswith((b"x-ratelimit-", b"retry-after"))
     }
-    return pool.record(state, outcome, headers, ttfb)
+    reason = pool.record(state, outcome, headers, ttfb)
+    if reason:
+        logger.warning("upstream key %s is %s", state.alias, _describe(reason))
+    return reason
 
 
-def describe(reason: RestReason) -> str:
-    return _DESCRIPTIONS.get(reason, str(reason))
-
-
-def describe_none(why: NoKey, seconds: int) -> str:
-    """The message of a 503: why no key of the model could be used."""
-    reasons = ", ".join(describe(reason) for reason in why.reasons) or "unavailable"
-    return (
+def no_key_error(why: NoKey) -> NoUpstreamAvailable:
+    """The 503 of a request that found no key to use, with `Retry-After` the soonest return."""
+    seconds = max(1, math.ceil(why.retry_after))
+    reasons = ", ".join(_describe(reason) for reason in why.reasons) or "unavailable"
+    message = (
         f"no upstream key of {why.model} is available: all {why.total} keys are {reasons}; "
         f"the first returns in {seconds} s"
     )
+    return NoUpstreamAvailable(message, headers={"retry-after": str(seconds)})
+
+
+def _describe(reason: RestReason) -> str:
+    return _DESCRIPTIONS.get(reason, str(reason))

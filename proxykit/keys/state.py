@@ -1,5 +1,5 @@
 """What proxykit knows of one upstream key: whether it is available, resting or set aside, its
-token buckets, its measured latency, and why it rests."""
+token buckets, its recent time to first byte, and why it rests."""
 
 from __future__ import annotations
 

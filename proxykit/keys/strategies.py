@@ -34,11 +34,11 @@ def _weighted(key: KeyState) -> tuple[float, ...]:
 
 def _latency_based(key: KeyState) -> tuple[float, ...]:
     if key.ttfb is None:
-        return (-1.0,)  # not measured yet: try it
+        return (-1.0,)  # no first byte seen from it yet: try it
     return (math.floor(math.log1p(key.ttfb * 1000) / _LATENCY_BAND),)
 
 
-# Strategies whose priority changes when an attempt ends (in-flight count, measured TTFB): only
+# Strategies whose priority changes when an attempt ends (in-flight count, recent TTFB): only
 # their keys are re-ranked then. The others change only when a key is chosen or rests.
 RANK_ON_RELEASE: Final = frozenset({"least-busy", "latency-based"})
 

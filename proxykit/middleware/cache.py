@@ -18,9 +18,8 @@ from proxykit.body import ensure_payload, or_answer, requested_model, until_disc
 from proxykit.cache.base import CACHEABLE_PATHS, CacheBackend, CacheEntry, CachePolicy, cache_key
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
-from proxykit.headers import set_response_headers
+from proxykit.headers import adding_headers, set_response_headers
 from proxykit.paths import route_path
-from proxykit.sends import step_aside
 from proxykit.usage.accounting import counts
 from proxykit.usage.reader import without_usage_events
 
@@ -62,7 +61,7 @@ class CacheMiddleware:
         policy = CachePolicy.of(_header(scope, b"cache-control"))
         if not policy.store:
             ctx.cache = "bypass"
-            await self.app(scope, receive, _tagged(send, b"bypass"))
+            await self.app(scope, receive, adding_headers(send, [(b"x-proxykit-cache", b"bypass")]))
             return
         key = cache_key(client=None if self.shared else ctx.client, path=route_path(scope), payload=payload)
         streamed = payload.get("stream") is True
@@ -195,16 +194,6 @@ async def _unless_disconnected(
         return leader.result()
     ctx.disconnected = True
     return None
-
-
-def _tagged(send: Send, result: bytes) -> Send:
-    async def send_tagged(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            set_response_headers(message, [(b"x-proxykit-cache", result)])
-        await send(message)
-
-    step_aside(send_tagged, send)  # the start is all it changes
-    return send_tagged
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

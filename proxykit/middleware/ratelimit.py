@@ -7,16 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxykit.body import ensure_body, ensure_payload, or_answer
 from proxykit.config import ClientKey
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import RateLimitExceeded
-from proxykit.headers import set_response_headers
+from proxykit.headers import adding_headers
 from proxykit.limits.base import Admission, RateLimiter
 from proxykit.outcomes import Outcome
-from proxykit.sends import step_aside
 from proxykit.usage.accounting import MAX_TOKENS, abandoned_stream, counts, prompt_estimate
 
 
@@ -71,16 +70,8 @@ class RateLimitMiddleware:
         if admitted is None:
             return
         admissions, estimate = admitted
-        headers = _headers(admissions)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                set_response_headers(message, headers)
-            await send(message)
-
-        step_aside(send_with_headers, send)  # the start is all it changes
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, adding_headers(send, _headers(admissions)))
         finally:
             if tpm := buckets.limits.tpm:
                 await self.limiter.settle(buckets.tokens, _tokens_used(ctx, estimate) - estimate, limit=tpm)

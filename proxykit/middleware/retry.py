@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 _HELD_BODY_LIMIT = 64 * 1024  # an error body held while deciding; anything larger is passed on
 _MIN_KEY_WAIT = 0.01  # a key "back in 0 s" that still cannot be chosen must not make a busy loop
-_MAX_KEY_WAITS = 20
+_MAX_KEY_WAITS = 20  # waits for a resting key in one request: a bound, should keys keep slipping away
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -11,17 +9,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxykit.body import ensure_payload, or_answer, requested_model, wait_unless_disconnected
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
-from proxykit.errors import NoUpstreamAvailable
-from proxykit.keys.choice import choose_key, describe, describe_none, learn, soonest_return
+from proxykit.keys.choice import choose_key, learn, no_key_error, soonest_return
 from proxykit.keys.pool import KeyPool
-from proxykit.keys.state import KeyState, NoKey
+from proxykit.keys.state import KeyState
 from proxykit.limits.base import RateLimiter
 from proxykit.outcomes import CONNECTION_FAILURES, RestReason
 from proxykit.respond import send_error
 from proxykit.routing import resolve_model
 from proxykit.sends import step_aside
-
-logger = logging.getLogger(__name__)
 
 
 class KeyRotationMiddleware:
@@ -60,7 +55,7 @@ class KeyRotationMiddleware:
             return
         if state is None:
             ctx.no_upstream, ctx.next_key_in = True, soonest_return(self.pool, model)
-            await send_error(_no_upstream(self.pool.why_none(model.name)), scope, receive, send)
+            await send_error(no_key_error(self.pool.why_none(model.name)), scope, receive, send)
             return
         ctx.key, ctx.deployment, ctx.key_alias = state, state.deployment.name, state.alias
         ctx.tried.append(state)
@@ -122,11 +117,4 @@ class KeyRotationMiddleware:
         assert ctx.outcome is not None
         if ctx.outcome in CONNECTION_FAILURES:
             ctx.skip_deployments.add(state.deployment.name)  # its other keys would not connect either
-        reason = learn(self.pool, state, message["status"], ctx.outcome, message["headers"], ctx.attempt_ttfb)
-        if reason:
-            logger.warning("upstream key %s is %s", state.alias, describe(reason))
-
-
-def _no_upstream(why: NoKey) -> NoUpstreamAvailable:
-    seconds = max(1, math.ceil(why.retry_after))
-    return NoUpstreamAvailable(describe_none(why, seconds), headers={"retry-after": str(seconds)})
+        learn(self.pool, state, message["status"], ctx.outcome, message["headers"], ctx.attempt_ttfb)
