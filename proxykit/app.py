@@ -4,9 +4,11 @@ lists, the routes and the lifespan.
 Every request passes the outer layers, outermost first; then `/v1/...` (the model list aside)
 goes to the forwarding layers, anything else to proxykit's own routes:
 
-    outer:       RequestId -> Metrics -> Auth -> ForwardingDispatch
-    forwarding:  RateLimit -> Cache (when on) -> Retry -> KeyRotation -> Forwarder
-    routes:      /health, /health/ready, /metrics, /v1/models, /v1/models/{id} (and without /v1)
+    outer:       RequestId -> Metrics -> Ledger (with a store) -> Auth -> ForwardingDispatch
+    forwarding:  Budget (when any) -> RateLimit -> Cache (when on) -> Retry -> KeyRotation -> Forwarder
+    routes:      /health, /health/ready, /metrics, /v1/models, /v1/models/{id} (and without /v1),
+                 the management API under `management.path` (its /generate enters the forwarding
+                 layers as a chat completion)
 
 OpenAI's routes are served without `/v1` too (`/chat/completions`, `/models`, ...), for clients
 whose base URL has none.
@@ -35,9 +37,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from proxykit.api.management import ManagementApi
 from proxykit.api.public import Endpoints
 from proxykit.config import Config
 from proxykit.config.reader import config_from_dict, load_config
@@ -45,7 +48,9 @@ from proxykit.context import ensure_context
 from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound
 from proxykit.forward import Forwarder
 from proxykit.middleware.auth import AuthMiddleware
+from proxykit.middleware.budget import BudgetMiddleware
 from proxykit.middleware.cache import CacheMiddleware
+from proxykit.middleware.ledger import LedgerMiddleware
 from proxykit.middleware.metrics import MetricsMiddleware
 from proxykit.middleware.ratelimit import ClientLimits, RateLimitMiddleware
 from proxykit.middleware.request_id import RequestIdMiddleware
@@ -81,6 +86,7 @@ def create_app(
     config = _as_config(config)
     resources = Resources(config, transport=transport)
     endpoints = Endpoints(resources)
+    forwarding = _forwarding_layers(resources)
     routes = [
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/health/ready", endpoints.ready, methods=["GET"]),
@@ -88,12 +94,13 @@ def create_app(
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
         Route("/models", endpoints.models, methods=["GET"]),  # for clients whose base URL has no /v1
         Route("/models/{name:path}", endpoints.model, methods=["GET"]),
+        Mount(config.management.path, routes=ManagementApi(resources, forwarding).routes()),
     ]
     if resources.metrics is not None:
         routes.insert(0, Route(config.metrics.path, endpoints.metrics, methods=["GET"]))
     app = Starlette(
         routes=routes,
-        middleware=_outer_layers(resources, forwarding=_forwarding_layers(resources)),
+        middleware=_outer_layers(resources, forwarding=forwarding),
         lifespan=resources.lifespan,
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _internal_error},
     )
@@ -102,13 +109,21 @@ def create_app(
 
 
 def _outer_layers(resources: Resources, *, forwarding: ASGIApp) -> list[Middleware]:
-    """RequestId -> Metrics -> Auth -> ForwardingDispatch: every response, 401s and 429s
-    included, gets an id and is counted."""
+    """RequestId -> Metrics -> Ledger -> Auth -> ForwardingDispatch: every response, 401s and 429s
+    included, gets an id and is counted, and every LLM request is recorded."""
     config = resources.config
     layers = [Middleware(RequestIdMiddleware)]
+    pricing = {model.name: model.pricing for model in config.models if model.pricing}
     if resources.metrics is not None:
-        pricing = {model.name: model.pricing for model in config.models if model.pricing}
         layers.append(Middleware(MetricsMiddleware, metrics=resources.metrics, pricing=pricing))
+    if resources.ledger is not None:
+        generate = (config.management.path + "/generate", config.management.path + "/generate/stream")
+
+        def recorded(scope: Scope) -> bool:  # the LLM requests: forwarded ones and /generate
+            path = route_path(scope)
+            return forwarded(scope["method"], path) or path in generate
+
+        layers.append(Middleware(LedgerMiddleware, ledger=resources.ledger, pricing=pricing, recorded=recorded))
     if config.auth.enabled:
         open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
         layers.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
@@ -138,6 +153,8 @@ def _forwarding_layers(resources: Resources) -> ASGIApp:
         )
     if limits := ClientLimits.by_client(config.auth.keys):
         app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
+    if resources.spend is not None:  # outermost: a client out of budget spends no rpm either
+        app = BudgetMiddleware(app, spend=resources.spend)
     return app
 
 
@@ -156,15 +173,20 @@ class ForwardingDispatch:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if path.startswith("/v1/"):
-            if not _is_model_list(scope["method"], path[3:]):
-                scope = {**scope, "root_path": scope.get("root_path", "") + "/v1"}
-                await self.forwarding(scope, receive, send)
-                return
-        elif path.split("/", 2)[1] in OPENAI_ROOTS and not _is_model_list(scope["method"], path):
+        if not forwarded(scope["method"], path):
+            await self.app(scope, receive, send)
+        elif path.startswith("/v1/"):
+            await self.forwarding({**scope, "root_path": scope.get("root_path", "") + "/v1"}, receive, send)
+        else:
             await self.forwarding(scope, receive, send)  # a client whose base URL has no /v1
-            return
-        await self.app(scope, receive, send)
+
+
+def forwarded(method: str, path: str) -> bool:
+    """Whether a request goes to the forwarding layers: `/v1/...` and OpenAI's routes without
+    `/v1`, the model list aside."""
+    if path.startswith("/v1/"):
+        return not _is_model_list(method, path[3:])
+    return path.split("/", 2)[1] in OPENAI_ROOTS and not _is_model_list(method, path)
 
 
 def _is_model_list(method: str, path: str) -> bool:

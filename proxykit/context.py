@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette.types import Scope
 
 from proxykit.outcomes import Outcome
+from proxykit.usage.accounting import TokenCounts
 
 if TYPE_CHECKING:
     from proxykit.keys.state import KeyState
@@ -36,9 +37,11 @@ class RequestContext:
     model: str = "unknown"  # rotation or forwarder (set_model), a configured name -> metrics, access log
     client: str = "anonymous"  # auth: the client key's *name*, never the secret -> metrics, limits, log
     allowed_models: tuple[str, ...] | None = None  # auth: the client's globs -> rotation, forwarder, /v1/models
+    admin: bool = False  # auth: an `admin: true` key (or loopback with auth off) -> management API
     on_model: Callable[[str], None] | None = None  # metrics: told when the model is known -> set_model
     started: float = field(default_factory=time.perf_counter)  # -> durations, the retry deadline
     rate_limited: str | None = None  # ratelimit: "rpm" or "tpm" when it refused -> metrics
+    budget_refused: bool = False  # budget: it refused -> metrics
     # The current upstream attempt
     attempt: int = 0  # retry: 0 for the first -> retry (the last one passes its error through)
     key: KeyState | None = None  # rotation (or the forwarder alone) -> forwarder: the key to send with
@@ -64,6 +67,8 @@ class RequestContext:
     status: int | None = None  # request id layer: the status sent -> access log
     cache: str | None = None  # cache: "hit", "miss" or "bypass" on a cacheable route -> metrics
     cache_saved_tokens: int = 0  # cache: the tokens a hit's stored answer holds -> metrics
+    cache_hit_tokens: TokenCounts | None = None  # cache: a hit's stored prompt and completion -> store
+    settled: tuple[TokenCounts, float] | None = None  # settle(): tokens and cost, once -> metrics, store
     stripped_usage_event: bytes | None = None  # forwarder: the usage event it took out -> cache (stores it)
     finished: bool = False  # forwarder: the whole response went out -> disconnect watch
     disconnected: bool = False  # whoever sees the client leave -> every layer: stop, never retry

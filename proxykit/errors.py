@@ -5,15 +5,18 @@ ProxyError
  ├── InvalidRequest            400 invalid_request
  ├── InvalidApiKey             401 invalid_api_key
  ├── ModelNotAllowed           403 model_not_allowed
+ ├── AdminOnly                 403 admin_only
  ├── ModelNotFound             404 model_not_found
  ├── RouteNotFound             404 not_found
  ├── MethodNotAllowed          405 method_not_allowed
  ├── RequestTooLarge           413 request_too_large
  ├── RateLimitExceeded         429 rate_limit_exceeded
+ ├── BudgetExceeded            429 budget_exceeded (type insufficient_quota)
  ├── InternalError             500 internal_error
  ├── UpstreamError             502 upstream_error
  │    └── UpstreamBadResponse  502 upstream_error (an answer that is not HTTP: counts as a 5xx)
  ├── NoUpstreamAvailable       503 no_upstream_available
+ ├── StoreUnreachable          503 store_unavailable (a management read while the store is down)
  └── UpstreamTimeout           504 upstream_timeout
 """
 
@@ -54,6 +57,10 @@ class ModelNotAllowed(ProxyError):
     status, error_type, code = 403, "permission_error", "model_not_allowed"
 
 
+class AdminOnly(ProxyError):
+    status, error_type, code = 403, "permission_error", "admin_only"
+
+
 class ModelNotFound(ProxyError):
     status, error_type, code = 404, "invalid_request_error", "model_not_found"
 
@@ -74,6 +81,10 @@ class RateLimitExceeded(ProxyError):
     status, error_type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
+class BudgetExceeded(ProxyError):
+    status, error_type, code = 429, "insufficient_quota", "budget_exceeded"
+
+
 class InternalError(ProxyError):
     status, error_type, code = 500, "server_error", "internal_error"
 
@@ -88,6 +99,10 @@ class UpstreamBadResponse(UpstreamError):
 
 class NoUpstreamAvailable(ProxyError):
     status, error_type, code = 503, "service_unavailable", "no_upstream_available"
+
+
+class StoreUnreachable(ProxyError):
+    status, error_type, code = 503, "service_unavailable", "store_unavailable"
 
 
 class UpstreamTimeout(ProxyError):

@@ -69,6 +69,10 @@ class ProxyMetrics:
         self.cache_saved_tokens = Counter("proxykit_cache_saved_tokens_total",
                                           "Prompt and completion tokens of answers served from the cache.",
                                           ["model"], registry=registry)
+        self.budget_rejected = Counter("proxykit_budget_rejected_total", "Requests refused by a spent budget.",
+                                       ["client"], registry=registry)
+        self.store_records = Counter("proxykit_store_records_total", "Usage rows written to the store, or dropped.",
+                                     ["result"], registry=registry)
         self.loop_lag = LoopLagProbe()  # started with the app's resources, on their event loop
         registry.register(self.loop_lag)
         self.key_collector = KeyAvailabilityCollector(pool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import importlib.util
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -19,13 +20,16 @@ from prometheus_client import CollectorRegistry
 from proxykit.cache.base import CacheBackend
 from proxykit.cache.memory import MemoryCache
 from proxykit.cache.redis import RedisCache
-from proxykit.config import Config
+from proxykit.config import Config, ConfigError
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState
 from proxykit.keys.upkeep import PoolUpkeep
 from proxykit.limits.base import MemoryRateLimiter, RateLimiter
 from proxykit.limits.redis import RedisConnection, RedisRateLimiter, SharedKeyStates
 from proxykit.metrics import ProxyMetrics
+from proxykit.store.budgets import SpendBook
+from proxykit.store.ledger import Ledger
+from proxykit.store.sql import SqlStore
 from proxykit.upstream.base import upstream_for
 from proxykit.upstream.proxy import ProxyRules
 from proxykit.upstream.transport import Http1Transport
@@ -85,6 +89,10 @@ class Resources:
             self.cache = RedisCache(self._cache_redis)
         elif config.cache.enabled:
             self.cache = MemoryCache(max_bytes=config.cache.max_bytes)
+        self.spend: SpendBook | None = None
+        self.ledger: Ledger | None = None
+        if config.store.enabled:
+            self.ledger, self.spend = _ledger(config, self.metrics)
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None
@@ -109,6 +117,8 @@ class Resources:
         self.upkeep = PoolUpkeep(self.keys, self._client, shared=self.shared_keys)
         if self.metrics is not None:
             self.metrics.loop_lag.start(asyncio.get_running_loop())
+        if self.ledger is not None:
+            await self.ledger.start()
         # A plain task, not a task group: the lazy open on a first request has no group to join.
         self._upkeep_task = asyncio.get_running_loop().create_task(self.upkeep.run())
         self.state = ResourceState.OPENED
@@ -153,6 +163,8 @@ class Resources:
             await self._cache_redis.aclose()
         if self.cache is not None:
             await self.cache.aclose()
+        if self.ledger is not None:
+            await self.ledger.aclose()  # the rows still buffered are written first
         if self.metrics is not None:
             self.metrics.loop_lag.stop()
             self.metrics.close()
@@ -165,6 +177,21 @@ class Resources:
             yield
         finally:
             await self.aclose()
+
+
+def _ledger(config: Config, metrics: ProxyMetrics | None) -> tuple[Ledger, SpendBook | None]:
+    """The usage store's writer, and the budgets' spend when any client has a budget."""
+    store = SqlStore(config.store.url, retention_days=config.store.retention_days)
+    if store.postgres and importlib.util.find_spec("psycopg") is None:
+        raise ConfigError(["store.url: PostgreSQL needs its driver: pip install 'proxykit-llm[postgres]'"])
+    budgets = {key.name: key.budget for key in config.auth.keys if key.budget is not None}
+    spend = SpendBook(budgets) if budgets else None
+
+    def count(result: str, amount: int) -> None:
+        if metrics is not None:
+            metrics.add(metrics.store_records, (result,), float(amount))
+
+    return Ledger(store, spend=spend, count=count), spend
 
 
 def proxy_rules(config: Config, environ: Mapping[str, str]) -> ProxyRules:

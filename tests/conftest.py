@@ -34,6 +34,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _in_temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own directory: the default store (`sqlite:///proxykit.db`, relative to
+    the working directory) and anything else a test writes stays there."""
+    monkeypatch.chdir(tmp_path)
+
+
 def make_config(base_url: str = "http://upstream.test/v1", **overrides: Any) -> dict[str, Any]:
     """One model `chat` (upstream id `upstream-chat`) with two keys, plus any top-level overrides."""
     config: dict[str, Any] = {

@@ -17,8 +17,9 @@ from typing import Any, Final, Protocol
 
 # Routes whose POST answers are cached: the same request always means the same answer.
 CACHEABLE_PATHS: Final = frozenset({"/chat/completions", "/completions", "/embeddings"})
-_MAGIC: Final = b"PK1"
-_HEADER: Final = struct.Struct("!3sHBQdHI")  # magic, status, stream, tokens, stored at, type length, chunks
+_MAGIC: Final = b"PK2"  # entries of another layout are misses, never misread
+# magic, status, stream, prompt tokens, completion tokens, stored at, content type length, chunks
+_HEADER: Final = struct.Struct("!3sHBQQdHI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +31,14 @@ class CacheEntry:
     content_type: bytes
     chunks: tuple[bytes, ...]
     stream: bool
-    tokens: int  # prompt + completion: what a hit saves
+    prompt_tokens: int
+    completion_tokens: int
     stored_at: float = field(default_factory=time.time)
+
+    @property
+    def tokens(self) -> int:
+        """Prompt + completion: what a hit saves."""
+        return self.prompt_tokens + self.completion_tokens
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.stored_at)
@@ -43,7 +50,8 @@ class CacheEntry:
     def pack(self) -> bytes:
         """One bytes object: the form both backends keep. In memory it matters that it is one:
         the garbage collector has nothing to walk in a cache of thousands of entries."""
-        header = _HEADER.pack(_MAGIC, self.status, self.stream, self.tokens, self.stored_at,
+        header = _HEADER.pack(_MAGIC, self.status, self.stream, self.prompt_tokens, self.completion_tokens,
+                              self.stored_at,
                               len(self.content_type), len(self.chunks))
         lengths = struct.pack(f"!{len(self.chunks)}I", *map(len, self.chunks))
         return b"".join((header, self.content_type, lengths, *self.chunks))
@@ -52,7 +60,7 @@ class CacheEntry:
     def unpack(cls, data: bytes) -> CacheEntry | None:
         """None for anything that is not an entry this version packed."""
         try:
-            magic, status, stream, tokens, stored_at, type_length, count = _HEADER.unpack_from(data)
+            magic, status, stream, prompt, completion, stored_at, type_length, count = _HEADER.unpack_from(data)
             if magic != _MAGIC:
                 return None
             at = _HEADER.size + type_length
@@ -67,7 +75,7 @@ class CacheEntry:
         except struct.error:
             return None
         content_type = data[_HEADER.size:_HEADER.size + type_length]
-        return cls(status, content_type, tuple(chunks), bool(stream), tokens, stored_at)
+        return cls(status, content_type, tuple(chunks), bool(stream), prompt, completion, stored_at)
 
 
 class CacheBackend(Protocol):

@@ -14,6 +14,7 @@ RETRY_REASONS: Final = frozenset({"connect_error", "timeout"})
 LIMIT_BACKENDS: Final = ("memory", "redis")
 AUTH_HEADERS: Final = ("authorization", "x-api-key", "api-key")
 CACHE_BACKENDS: Final = ("memory", "redis")
+BUDGET_PERIODS: Final = ("day", "week", "month", "total")
 
 
 class ConfigError(Exception):
@@ -25,6 +26,14 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """What a client key may spend in a UTC period: day, week (from Monday), month or total."""
+
+    max_usd: float
+    period: str = "month"
+
+
+@dataclass(frozen=True, slots=True)
 class ClientKey:
     """A key that clients present to proxykit. `name` is what logs and metrics show."""
 
@@ -33,6 +42,8 @@ class ClientKey:
     rpm: int | None = None
     tpm: int | None = None
     models: tuple[str, ...] | None = None  # glob allow-list; None allows every model
+    budget: Budget | None = None
+    admin: bool = False  # may use the management API's admin routes and see every client's data
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,7 @@ class ModelConfig:
     deployments: tuple[Deployment, ...]
     fallbacks: tuple[str, ...] = ()
     pricing: Pricing | None = None
+    priority: int = 0  # orders the management API's model lists, lowest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +162,24 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """The usage store (CONTRACT section 8): `sqlite:///FILE`, `sqlite://` (memory),
+    `postgresql://...` (shared by replicas) or `none`."""
+
+    url: str = field(default="sqlite:///proxykit.db", repr=False)  # a PostgreSQL URL may carry a password
+    retention_days: int = 30  # per-request rows; hourly totals are kept for good
+
+    @property
+    def enabled(self) -> bool:
+        return self.url != "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementConfig:
+    path: str = "/api/llm"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     models: tuple[ModelConfig, ...]
     auth: AuthConfig = AuthConfig()
@@ -160,6 +190,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
     cache: CacheConfig = CacheConfig()
+    store: StoreConfig = StoreConfig()
+    management: ManagementConfig = ManagementConfig()
     _by_name: dict[str, ModelConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

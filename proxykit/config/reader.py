@@ -19,17 +19,16 @@ from typing import Any
 
 import yaml
 
-from proxykit.config.fields import FieldReader, fits_a_header
+from proxykit.config.accounts import AccountFields
+from proxykit.config.fields import fits_a_header
 from proxykit.config.model import (
     AUTH_HEADERS,
     CACHE_BACKENDS,
     LIMIT_BACKENDS,
     RETRY_REASONS,
     ROUTING_STRATEGIES,
-    AuthConfig,
     BackoffConfig,
     CacheConfig,
-    ClientKey,
     Config,
     ConfigError,
     CooldownConfig,
@@ -72,7 +71,7 @@ def config_from_dict(
     return config
 
 
-class _Reader(FieldReader):
+class _Reader(AccountFields):
     """Turns plain YAML data into the config's dataclasses, section by section."""
 
     def __init__(self, base_dir: Path, environ: Mapping[str, str]) -> None:
@@ -104,8 +103,11 @@ class _Reader(FieldReader):
             limits=self.limits(top.get("limits")),
             metrics=self.metrics(top.get("metrics")),
             cache=self.cache(top.get("cache")),
+            store=self.store(top.get("store")),
+            management=self.management(top.get("management")),
         )
         self.check_fallbacks(config)
+        self.check_budgets(config)
         return config
 
     def models(self, raw: Any) -> tuple[ModelConfig, ...]:
@@ -117,7 +119,7 @@ class _Reader(FieldReader):
         seen_deployments: set[str] = set()
         for i, item in enumerate(raw):
             path = f"models[{i}]"
-            entry = self.mapping(item, path, ("name", "deployments", "fallbacks", "pricing"))
+            entry = self.mapping(item, path, ("name", "deployments", "fallbacks", "pricing", "priority"))
             name = self.string(entry.get("name"), f"{path}.name", required=True)
             if name is None:
                 continue
@@ -134,6 +136,7 @@ class _Reader(FieldReader):
                 deployments=deployments,
                 fallbacks=self.string_list(entry.get("fallbacks"), f"{path}.fallbacks"),
                 pricing=self.pricing(entry.get("pricing"), f"{path}.pricing"),
+                priority=self.number(entry.get("priority", 0), f"{path}.priority", int, minimum=-(10**6)) or 0,
             ))
         return tuple(models)
 
@@ -211,14 +214,6 @@ class _Reader(FieldReader):
             self.fail(path, "key names must be unique")
         return tuple(keys), keys_file
 
-    def string_list(self, raw: Any, path: str) -> tuple[str, ...]:
-        if raw is None:
-            return ()
-        if not isinstance(raw, list) or not all(isinstance(item, str) and item for item in raw):
-            self.fail(path, "must be a list of names")
-            return ()
-        return tuple(self.expand(item, path) for item in raw)
-
     def pricing(self, raw: Any, path: str) -> Pricing | None:
         if raw is None:
             return None
@@ -227,40 +222,6 @@ class _Reader(FieldReader):
             key: self.number(entry[key], f"{path}.{key}", float) for key in entry if key in Pricing.__slots__
         }
         return Pricing(**{key: value for key, value in prices.items() if value is not None})
-
-    def auth(self, raw: Any) -> AuthConfig:
-        entry = self.mapping(raw, "auth", ("keys",))
-        raw_keys = entry.get("keys")
-        if raw_keys is None:
-            return AuthConfig()
-        if not isinstance(raw_keys, list):
-            self.fail("auth.keys", "must be a list")
-            return AuthConfig()
-        keys = []
-        for i, item in enumerate(raw_keys):
-            path = f"auth.keys[{i}]"
-            key_entry = self.mapping(item, path, ("name", "key", "rpm", "tpm", "models"))
-            name = self.string(key_entry.get("name"), f"{path}.name", required=True)
-            secret = self.string(key_entry.get("key"), f"{path}.key", required=True)
-            if name is None or not secret:
-                if secret == "":
-                    self.fail(f"{path}.key", "is empty")
-                continue
-            limits = {
-                key: self.number(key_entry[key], f"{path}.{key}", int, minimum=1)
-                for key in ("rpm", "tpm") if key_entry.get(key) is not None
-            }
-            models = key_entry.get("models")
-            keys.append(ClientKey(
-                name=name, key=secret,
-                models=None if models is None else self.string_list(models, f"{path}.models"),
-                **limits,
-            ))
-        if len({key.name for key in keys}) != len(keys):
-            self.fail("auth.keys", "key names must be unique")
-        if len({key.key for key in keys}) != len(keys):
-            self.fail("auth.keys", "two clients share the same key")
-        return AuthConfig(keys=tuple(keys))
 
     def retry(self, raw: Any) -> RetryConfig:
         entry = self.mapping(raw, "retry", ("attempts", "backoff", "retry_on"))
@@ -336,6 +297,14 @@ class _Reader(FieldReader):
                     self.fail(f"models[{i}].fallbacks", f"names unknown model {fallback!r}")
                 elif fallback == model.name:
                     self.fail(f"models[{i}].fallbacks", "a model cannot fall back to itself")
+
+
+    def check_budgets(self, config: Config) -> None:
+        if config.store.enabled:
+            return
+        for i, key in enumerate(config.auth.keys):
+            if key.budget is not None:
+                self.fail(f"auth.keys[{i}].budget", "needs a store to keep the spend (store.url is none)")
 
 
 def read_key_file(path: str, reader: _Reader | None = None, field_path: str = "api_keys") -> list[str]:

@@ -44,6 +44,7 @@ class AuthMiddleware:
         ctx = ensure_context(scope)
         ctx.client = client.name
         ctx.allowed_models = client.models
+        ctx.admin = client.admin
         await self.app(scope, receive, send)
 
 

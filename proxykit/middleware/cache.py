@@ -20,7 +20,7 @@ from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.headers import adding_headers, set_response_headers
 from proxykit.paths import route_path
-from proxykit.usage.accounting import counts
+from proxykit.usage.accounting import TokenCounts, counts
 from proxykit.usage.reader import without_usage_events
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class _Capture:
             chunks = _with_usage_event(chunks, ctx.stripped_usage_event + b"\n\n")
         tokens = counts(ctx.usage)
         return CacheEntry(status=self.status, content_type=self.content_type, chunks=tuple(chunks), stream=streamed,
-                          tokens=tokens.prompt + tokens.completion)
+                          prompt_tokens=tokens.prompt, completion_tokens=tokens.completion)
 
 
 def _with_usage_event(chunks: list[bytes], event: bytes) -> list[bytes]:
@@ -165,6 +165,7 @@ def _with_usage_event(chunks: list[bytes], event: bytes) -> list[bytes]:
 async def _replay(entry: CacheEntry, ctx: RequestContext, asks_for_usage: bool, send: Send) -> None:
     """The stored answer: its status, content type and body, a stream event by event as it came."""
     ctx.cache, ctx.cache_saved_tokens = "hit", entry.tokens
+    ctx.cache_hit_tokens = TokenCounts(prompt=entry.prompt_tokens, completion=entry.completion_tokens)
     chunks = list(entry.chunks)
     if entry.stream and not asks_for_usage:
         chunks = [kept for chunk in chunks if (kept := without_usage_events(chunk, starts_an_event=True)[0])]

@@ -12,7 +12,7 @@ from proxykit.config import Pricing
 from proxykit.context import RequestContext, ensure_context
 from proxykit.metrics import Change, Observation, ProxyMetrics
 from proxykit.sends import step_aside
-from proxykit.usage import accounting
+from proxykit.settle import settle
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class MetricsMiddleware:
             observations.append((metrics.ttfb, (model,), first_byte_at - ctx.started))
         if ctx.rate_limited:
             counts.append((metrics.rate_limited, (client, ctx.rate_limited), 1.0))
+        if ctx.budget_refused:
+            counts.append((metrics.budget_rejected, (client,), 1.0))
         previous = None
         for deployment, alias, outcome in ctx.attempts or ():
             counts.append((metrics.attempts, (model, deployment, alias, outcome), 1.0))
@@ -94,17 +96,13 @@ class MetricsMiddleware:
         metrics.record(counts, observations)
 
     def _count_tokens(self, ctx: RequestContext, counts: list[Change]) -> None:
-        if ctx.usage is not None:
-            tokens = accounting.counts(ctx.usage)
-        elif ctx.disconnected and ctx.sent_events:
-            tokens = accounting.abandoned_stream(ctx.body or b"", ctx.sent_events)
-        else:
+        if ctx.cache == "hit":  # nothing reached an upstream: no tokens used, no cost
             return
+        tokens, cost = settle(ctx, self.pricing)
         metrics, model, client = self.metrics, ctx.model, ctx.client
         for kind, count in (("prompt", tokens.prompt), ("completion", tokens.completion),
                             ("reasoning", tokens.reasoning)):
             if count:
                 counts.append((metrics.tokens, (model, client, kind), float(count)))
-        pricing = self.pricing.get(ctx.served_by or model)
-        if pricing is not None:
-            counts.append((metrics.cost, (model, client), accounting.cost_usd(tokens, pricing)))
+        if self.pricing.get(ctx.served_by or model) is not None:
+            counts.append((metrics.cost, (model, client), cost))

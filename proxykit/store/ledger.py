@@ -1,0 +1,189 @@
+"""The ledger: finished requests go into a bounded buffer at once, and a background task writes
+them to the store in batches, one transaction at least every second, in the store's own thread.
+A slow or dead store never delays a request: what does not fit the buffer is dropped and
+counted, and logged at most once a minute.
+
+    ledger = Ledger(SqlStore(url), spend=SpendBook(budgets))
+    await ledger.start(); ledger.record(row); ...; await ledger.aclose()   # the last flush
+    rows = await ledger.read(lambda store: store.rows(limit=10))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, TypeVar
+
+from proxykit.store.base import UsageRow
+from proxykit.store.budgets import SpendBook
+from proxykit.store.sql import SqlStore, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CAPACITY: Final = 100_000  # rows waiting for the store; about 40 MB at most
+BATCH: Final = 5_000  # rows a transaction
+FLUSH_EVERY: Final = 1.0  # seconds
+SYNC_EVERY: Final = 1.0  # seconds between budget refreshes: other replicas' spend arrives within 2 s
+PRUNE_EVERY: Final = 3600.0
+LOG_EVERY: Final = 60.0
+READ_TIMEOUT: Final = 30.0
+
+
+class Ledger:
+    def __init__(
+        self, store: SqlStore, *, spend: SpendBook | None = None, capacity: int = CAPACITY,
+        count: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.spend = spend
+        self.capacity = capacity
+        self._count = count or (lambda result, amount: None)
+        self._buffer: deque[UsageRow] = deque()
+        self._unwritten: list[UsageRow] = []  # a batch the store refused, sent again first
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proxykit-store")
+        self._flush_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._dropped_since_log = 0
+        self._logged: dict[str, float] = {}
+        self.healthy = True  # the last write or read reached the store
+        self.last_error: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) + len(self._unwritten)
+
+    def record(self, row: UsageRow) -> None:
+        """Takes a finished request's row; never waits."""
+        if self.buffered >= self.capacity:
+            self._count("dropped", 1)
+            self._dropped_since_log += 1
+            if self.spend is not None:
+                self.spend.dropped(row)
+            if self._once_a_minute("dropped"):
+                logger.error("usage store buffer full (%d rows): %d rows dropped; the store is %s",
+                             self.capacity, self._dropped_since_log, self.last_error or "slow")
+                self._dropped_since_log = 0
+            return
+        self._buffer.append(row)
+        if self.spend is not None:
+            self.spend.recorded(row)
+
+    async def start(self) -> None:
+        """Opens the store (creating or migrating its schema) and starts the writer. A store that
+        cannot be reached now is logged; rows wait for it."""
+        try:
+            await self._in_thread(self.store.check)
+            if self.spend is not None:
+                await self.refresh_spend()  # budgets start from the store's spend, not from zero
+        except StoreUnavailable as exc:
+            self._failed(exc)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def flush(self) -> None:
+        """Writes every buffered row now (a read that must see them, shutdown)."""
+        async with self._flush_lock:
+            while self._unwritten or self._buffer:
+                batch = self._unwritten or [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
+                self._unwritten = []
+                try:
+                    await self._in_thread(self.store.write, batch)
+                except StoreUnavailable as exc:
+                    self._unwritten = batch
+                    self._failed(exc)
+                    return
+                self._succeeded()
+                self._count("written", len(batch))
+                if self.spend is not None:
+                    self.spend.written(batch)
+
+    async def refresh_spend(self) -> None:
+        assert self.spend is not None
+        starts = self.spend.period_starts(time.time())
+        taken = self.spend.begin_refresh()
+        try:
+            spent = await self._in_thread(self.store.spend_since, starts)
+        except StoreUnavailable:
+            self.spend.refresh_failed(taken)
+            raise
+        self.spend.refreshed(spent, starts)
+
+    async def read(self, query: Callable[[SqlStore], T]) -> T:
+        """Runs `query(store)` in the store's thread, after this process's rows are written."""
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.wait_for(self.flush(), READ_TIMEOUT)
+        try:
+            result = await asyncio.wait_for(self._in_thread(query, self.store), READ_TIMEOUT)
+        except TimeoutError:
+            raise StoreUnavailable("the store did not answer in time") from None
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            raise
+        return result
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            logger.error("usage store: %d rows not written at shutdown (the store did not answer)", self.buffered)
+        if self.buffered:
+            self._count("dropped", self.buffered)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
+        self._executor.shutdown(wait=False)
+
+    async def _run(self) -> None:
+        next_prune = time.monotonic()
+        next_sync = time.monotonic() + SYNC_EVERY
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            await self.flush()
+            now = time.monotonic()
+            if self.spend is not None and now >= next_sync:
+                next_sync = now + SYNC_EVERY
+                with contextlib.suppress(StoreUnavailable):
+                    await self.refresh_spend()
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY
+                await self._prune()
+
+    async def _prune(self) -> None:
+        before = time.time() - self.store.retention_days * 86400
+        try:
+            removed = await self._in_thread(self.store.prune, before)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return
+        if removed:
+            logger.info("usage store: %d request rows older than %d days removed", removed,
+                        self.store.retention_days)
+
+    async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        self.healthy, self.last_error = False, str(exc)
+        if self._once_a_minute("failed"):
+            logger.error("usage store unavailable (%d rows waiting): %s", self.buffered, exc)
+
+    def _succeeded(self) -> None:
+        if not self.healthy:
+            logger.warning("usage store reachable again")
+        self.healthy, self.last_error = True, None
+
+    def _once_a_minute(self, what: str) -> bool:
+        now = time.monotonic()
+        if now - self._logged.get(what, -LOG_EVERY) < LOG_EVERY:
+            return False
+        self._logged[what] = now
+        return True

@@ -1,0 +1,254 @@
+"""The store's SQL, for SQLite (the standard library's `sqlite3`) and PostgreSQL (`psycopg`).
+
+Both drivers are used the same way, from the one thread the ledger gives the store
+(`proxykit.store.ledger`): a batch of rows is one transaction, and a read never runs on the event
+loop. One connection, made on first use and again after the database went away.
+
+    store = SqlStore("sqlite:///proxykit.db", retention_days=30)
+    store.write(rows); store.usage_totals(start, end)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from proxykit.store.base import HOUR, UsageRow
+from proxykit.upstream.target import printable_url
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+# The schema, step by step: a database at version N runs the steps after N, in one transaction.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = ((
+    """CREATE TABLE proxykit_requests (
+        time DOUBLE PRECISION NOT NULL, request_id TEXT NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
+        served_model TEXT, deployment TEXT, key_alias TEXT, path TEXT NOT NULL, status INTEGER NOT NULL,
+        stream BOOLEAN NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
+        reasoning_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+        duration_ms DOUBLE PRECISION NOT NULL, ttfb_ms DOUBLE PRECISION, attempts INTEGER NOT NULL, cache TEXT,
+        totals_model TEXT NOT NULL)""",
+    "CREATE INDEX proxykit_requests_time ON proxykit_requests (time)",
+    "CREATE INDEX proxykit_requests_id ON proxykit_requests (request_id)",
+    """CREATE TABLE proxykit_hourly (
+        hour BIGINT NOT NULL, model TEXT NOT NULL, client TEXT NOT NULL, status INTEGER NOT NULL,
+        requests BIGINT NOT NULL, prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL, PRIMARY KEY (hour, model, client, status))""",
+    # Budgets read each client's spend since its period began, every second: this index answers alone.
+    "CREATE INDEX proxykit_hourly_spend ON proxykit_hourly (client, hour, cost_usd)",
+),)
+_COLUMNS: Final = (
+    "time, request_id, client, model, served_model, deployment, key_alias, path, status, stream, prompt_tokens, "
+    "completion_tokens, reasoning_tokens, cached_tokens, cost_usd, duration_ms, ttfb_ms, attempts, cache, totals_model"
+)
+_UPSERT_TOTALS: Final = (
+    "INSERT INTO proxykit_hourly (hour, model, client, status, requests, prompt_tokens, completion_tokens, cost_usd) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hour, model, client, status) DO UPDATE SET "
+    "requests = proxykit_hourly.requests + excluded.requests, "
+    "prompt_tokens = proxykit_hourly.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = proxykit_hourly.completion_tokens + excluded.completion_tokens, "
+    "cost_usd = proxykit_hourly.cost_usd + excluded.cost_usd"
+)
+# Any PostgreSQL advisory lock number: replicas starting together migrate one after the other.
+_MIGRATION_LOCK: Final = 0x70726F78
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or refused the work. The message names no password."""
+
+
+class SqlStore:
+    """The store over one database connection. Not thread-safe: one thread uses it."""
+
+    def __init__(self, url: str, *, retention_days: int = 30) -> None:
+        self.url = url
+        self.retention_days = retention_days
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self.printable = printable_url(url)
+        self._connection: Any = None
+
+    # Writing
+
+    def write(self, rows: Sequence[UsageRow]) -> None:
+        """Rows and their hourly totals, in one transaction."""
+        totals: dict[tuple[int, str, str, int], list[float]] = {}
+        for row in rows:
+            key = (int(row.time // HOUR * HOUR), row.totals_model, row.client, row.status)
+            entry = totals.get(key)
+            if entry is None:
+                totals[key] = [1, row.prompt_tokens, row.completion_tokens, row.cost_usd]
+            else:
+                entry[0] += 1
+                entry[1] += row.prompt_tokens
+                entry[2] += row.completion_tokens
+                entry[3] += row.cost_usd
+        placeholders = ", ".join("?" * len(UsageRow._fields))
+        with self._transaction() as cursor:
+            cursor.executemany(self._sql(f"INSERT INTO proxykit_requests ({_COLUMNS}) VALUES ({placeholders})"), rows)
+            cursor.executemany(self._sql(_UPSERT_TOTALS), [
+                (*key, int(requests), int(prompt), int(completion), cost)
+                for key, (requests, prompt, completion, cost) in sorted(totals.items())  # one lock order
+            ])
+
+    def prune(self, before: float) -> int:
+        """Per-request rows older than `before` go; hourly totals stay."""
+        with self._transaction() as cursor:
+            cursor.execute(self._sql("DELETE FROM proxykit_requests WHERE time < ?"), (before,))
+            return int(cursor.rowcount or 0)
+
+    # Reading
+
+    def spend_since(self, starts: dict[str, float]) -> dict[str, float]:
+        """Each client's cost in the hourly totals from its period's start."""
+        spent: dict[str, float] = {}
+        with self._transaction() as cursor:
+            for client, start in starts.items():
+                cursor.execute(self._sql(
+                    "SELECT COALESCE(SUM(cost_usd), 0) FROM proxykit_hourly WHERE client = ? AND hour >= ?"
+                ), (client, int(start)))
+                spent[client] = float(cursor.fetchone()[0])
+        return spent
+
+    def usage_totals(
+        self, start: float, end: float, *, model: str | None = None, client: str | None = None,
+    ) -> list[tuple[str, str, int, int, float]]:
+        """(model, client, requests, tokens, cost) from the hourly totals of [start, end)."""
+        where, params = _filters(("hour >= ?", int(start)), ("hour < ?", int(end)),
+                                 ("model = ?", model), ("client = ?", client))
+        return [(str(m), str(c), int(r), int(t or 0), float(cost or 0)) for m, c, r, t, cost in self._fetch(
+            "SELECT model, client, SUM(requests), SUM(prompt_tokens + completion_tokens), SUM(cost_usd) "
+            f"FROM proxykit_hourly WHERE {where} GROUP BY model, client", params,
+        )]
+
+    def performance_sample(
+        self, since: float, *, model: str | None, client: str | None, limit: int,
+    ) -> list[tuple[str, float, float | None, int, int]]:
+        """(model, duration_ms, ttfb_ms, status, tokens) of the newest `limit` rows since `since`."""
+        where, params = _filters(("time >= ?", since), ("totals_model = ?", model), ("client = ?", client))
+        return [(str(m), float(d), None if t is None else float(t), int(s), int(k)) for m, d, t, s, k in self._fetch(
+            "SELECT totals_model, duration_ms, ttfb_ms, status, prompt_tokens + completion_tokens "
+            f"FROM proxykit_requests WHERE {where} ORDER BY time DESC LIMIT ?", (*params, limit),
+        )]
+
+    def model_window(self, model: str, since: float) -> tuple[int, float, int, float]:
+        """(requests, mean duration_ms, failures (5xx and 429), newest time) of a model since `since`."""
+        count, average, errors, last = self._fetch(
+            "SELECT COUNT(*), AVG(duration_ms), SUM(CASE WHEN status >= 500 OR status = 429 THEN 1 ELSE 0 END), "
+            "MAX(time) FROM proxykit_requests WHERE totals_model = ? AND time >= ?", (model, since),
+        )[0]
+        return int(count), float(average or 0), int(errors or 0), float(last or 0)
+
+    def rows(
+        self, *, limit: int, client: str | None = None, model: str | None = None, status: int | None = None,
+        since: float | None = None, request_id: str | None = None,
+    ) -> list[UsageRow]:
+        """The newest rows that match, newest first."""
+        where, params = _filters(("request_id = ?", request_id), ("client = ?", client), ("model = ?", model),
+                                 ("status = ?", status), ("time >= ?", since))
+        return [UsageRow(*values) for values in self._fetch(
+            f"SELECT {_COLUMNS} FROM proxykit_requests WHERE {where} ORDER BY time DESC LIMIT ?", (*params, limit),
+        )]
+
+    def check(self) -> None:
+        """Raises StoreUnavailable unless the database answers."""
+        self._fetch("SELECT 1", ())
+
+    def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+            self._connection = None
+
+    # The connection
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._transaction() as cursor:
+            cursor.execute(self._sql(sql), params)
+            return list(cursor.fetchall())
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        connection = self._connect()
+        try:
+            cursor = connection.cursor()
+            if not self.postgres:
+                cursor.execute("BEGIN")
+            yield cursor
+            connection.commit()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                connection.rollback()
+            if self._lost(exc):
+                self.close()  # the next call connects again
+            raise StoreUnavailable(f"the store at {self.printable} failed: {_first_line(exc)}") from None
+
+    def _connect(self) -> Any:
+        if self._connection is not None:
+            return self._connection
+        try:
+            self._connection = self._open()
+            self._migrate()
+        except Exception as exc:
+            self.close()
+            raise StoreUnavailable(f"cannot open the store at {self.printable}: {_first_line(exc)}") from None
+        return self._connection
+
+    def _open(self) -> Any:
+        if self.postgres:
+            import psycopg  # an extra: `pip install 'proxykit-llm[postgres]'`
+
+            return psycopg.connect(self.url, connect_timeout=5, options="-c statement_timeout=30000")
+        path = self.url[len("sqlite://"):]
+        target = ":memory:" if path in ("", "/") else path[1:]
+        if target != ":memory:":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
+        connection.execute("PRAGMA journal_mode=WAL")  # readers (another process's stats) never block the writer
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    def _migrate(self) -> None:
+        connection = self._connection
+        cursor = connection.cursor()
+        if not self.postgres:
+            cursor.execute("BEGIN IMMEDIATE")
+        else:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        cursor.execute("CREATE TABLE IF NOT EXISTS proxykit_schema (version INTEGER NOT NULL)")
+        cursor.execute("SELECT MAX(version) FROM proxykit_schema")
+        version = cursor.fetchone()[0] or 0
+        if version > SCHEMA_VERSION:
+            connection.rollback()
+            raise RuntimeError(f"schema version {version} is newer than this proxykit's ({SCHEMA_VERSION})")
+        for step in _MIGRATIONS[version:]:
+            for statement in step:
+                cursor.execute(statement)
+        if version < SCHEMA_VERSION:
+            cursor.execute(self._sql("DELETE FROM proxykit_schema"))
+            cursor.execute(self._sql("INSERT INTO proxykit_schema (version) VALUES (?)"), (SCHEMA_VERSION,))
+            logger.info("store schema migrated from version %d to %d", version, SCHEMA_VERSION)
+        connection.commit()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def _lost(self, exc: Exception) -> bool:
+        if not self.postgres:
+            return False
+        return self._connection is None or bool(getattr(self._connection, "closed", True)) or \
+            type(exc).__name__ in ("OperationalError", "InterfaceError")
+
+
+def _filters(*conditions: tuple[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause of the conditions whose value is given."""
+    used = [(clause, value) for clause, value in conditions if value is not None]
+    return " AND ".join(clause for clause, _ in used) or "1 = 1", tuple(value for _, value in used)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
