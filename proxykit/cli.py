@@ -220,10 +220,11 @@ def banner(config: Config, host: str, port: int, workers: int = 1) -> str:
     keys = sum(deployment.key_count for deployment in deployments)
     processes = f", {workers} workers" if workers > 1 else ""
     cache = f"cache {config.cache.backend}" if config.cache.enabled else "cache off"
+    store = f"store {printable_url(config.store.url)}" if config.store.enabled else "store off"
     return (
         f"proxykit serving {len(config.models)} models ({len(deployments)} deployments, {keys} upstream keys) "
         f"at http://{host}:{port}/v1, auth {'on' if config.auth.enabled else 'off'}, limits {config.limits.backend}, "
-        f"{cache}{processes}"
+        f"{cache}, {store}, management API at {config.management.path}{processes}"
     )
 
 
@@ -278,14 +279,16 @@ async def _serve_demo(args: argparse.Namespace) -> None:
     upstream_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     upstream_socket.bind(("127.0.0.1", 0))
     upstream_port = upstream_socket.getsockname()[1]
-    config = config_from_dict(demo_config(f"http://127.0.0.1:{upstream_port}/v1"))
+    # The demo keeps its usage store in memory: it leaves no file behind.
+    config = config_from_dict({**demo_config(f"http://127.0.0.1:{upstream_port}/v1"), "store": {"url": "sqlite://"}})
     upstream = uvicorn.Server(uvicorn.Config(DemoUpstream(), log_level="warning", access_log=False, lifespan="off"))
     proxy = DrainingServer(_uvicorn_config(create_app(config), args))
     url = f"http://{host}:{port}"
     body = '{"model": "demo-chat", "stream": true, "messages": [{"role": "user", "content": "Hello"}]}'
     text = (
         f"proxykit demo: models {', '.join(model.name for model in config.models)} at {url}/v1 (auth off)\n"
-        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
+        f"try:\n  curl -N {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'\n"
+        f"  curl {url}{config.management.path}/stats/usage      (what it served; the management API)"
     )
     if args.log_format == "json":
         logger.info("%s", text)  # every line of output is one JSON object

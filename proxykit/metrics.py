@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyStatus
 from proxykit.lag import LoopLagProbe
+from proxykit.store.budgets import SpendBook
+from proxykit.store.ledger import Ledger
 
 MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -216,3 +218,31 @@ class KeyAvailabilityCollector(Collector):
             usable = state.status(now) is KeyStatus.AVAILABLE
             gauge.add_metric([state.deployment.name, state.alias], 1.0 if usable else 0.0)
         yield gauge
+
+
+class StoreCollector(Collector):
+    """The usage store's health and the budgets' spend, read at scrape time:
+    `proxykit_store_up`, `proxykit_store_buffered_rows`, and per budgeted client
+    `proxykit_budget_spent_usd` beside `proxykit_budget_max_usd`."""
+
+    def __init__(self, ledger: Ledger, spend: SpendBook | None) -> None:
+        self.ledger = ledger
+        self.spend = spend
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("proxykit_store_up", "1 while the usage store takes writes, else 0.",
+                                value=1.0 if self.ledger.healthy else 0.0)
+        yield GaugeMetricFamily("proxykit_store_buffered_rows", "Usage rows waiting for the store.",
+                                value=float(self.ledger.buffered))
+        if self.spend is None:
+            return
+        spent = GaugeMetricFamily("proxykit_budget_spent_usd", "Spend in the budget's current period, in USD.",
+                                  labels=["client"])
+        limit = GaugeMetricFamily("proxykit_budget_max_usd", "The budget of the current period, in USD.",
+                                  labels=["client"])
+        now = time.time()
+        for client, budget in self.spend.budgets.items():
+            spent.add_metric([client], self.spend.spent(client, now))
+            limit.add_metric([client], budget.max_usd)
+        yield spent
+        yield limit

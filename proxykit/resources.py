@@ -26,7 +26,7 @@ from proxykit.keys.state import KeyState
 from proxykit.keys.upkeep import PoolUpkeep
 from proxykit.limits.base import MemoryRateLimiter, RateLimiter
 from proxykit.limits.redis import RedisConnection, RedisRateLimiter, SharedKeyStates
-from proxykit.metrics import ProxyMetrics
+from proxykit.metrics import ProxyMetrics, StoreCollector
 from proxykit.store.budgets import SpendBook
 from proxykit.store.ledger import Ledger
 from proxykit.store.sql import SqlStore
@@ -93,6 +93,8 @@ class Resources:
         self.ledger: Ledger | None = None
         if config.store.enabled:
             self.ledger, self.spend = _ledger(config, self.metrics)
+            if self.metrics is not None:
+                self.registry.register(StoreCollector(self.ledger, self.spend))
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "proxykit"
 # Subsystems that must work without a web framework: a store, a CLI or a test can use them alone.
-CORE = ("config", "upstream", "keys", "limits", "usage", "cache", "errors", "outcomes", "durations")
+CORE = ("config", "upstream", "keys", "limits", "usage", "cache", "store", "errors", "outcomes", "durations")
 ASGI_SIDE = ("starlette", "proxykit.context", "proxykit.middleware", "proxykit.respond", "proxykit.body",
              "proxykit.forward", "proxykit.app", "proxykit.api", "proxykit.resources", "proxykit.paths",
              "proxykit.headers", "proxykit.sends", "proxykit.watch")

@@ -1,0 +1,122 @@
+"""The ledger: batched writes off the request path, a bounded buffer, rows kept while the store is
+down, the last flush at shutdown; and the budgets' spend book and periods."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from proxykit.config.model import Budget
+from proxykit.store.base import UsageRow, period_bounds
+from proxykit.store.budgets import SpendBook
+from proxykit.store.ledger import Ledger
+from proxykit.store.sql import SqlStore, StoreUnavailable
+from tests.store.conftest import row
+
+pytestmark = pytest.mark.anyio
+
+
+class FlakyStore(SqlStore):
+    """A real SQLite store that refuses writes while `down`."""
+
+    down = False
+
+    def write(self, rows: Sequence[UsageRow]) -> None:
+        if self.down:
+            raise StoreUnavailable("the store at test failed: down")
+        super().write(rows)
+
+
+def counting() -> tuple[dict[str, int], object]:
+    counts: dict[str, int] = {}
+
+    def count(result: str, amount: int) -> None:
+        counts[result] = counts.get(result, 0) + amount
+
+    return counts, count
+
+
+async def test_rows_wait_in_the_buffer_until_a_flush_writes_them(tmp_path: Path) -> None:
+    counts, count = counting()
+    ledger = Ledger(SqlStore(f"sqlite:///{tmp_path / 'u.db'}"), count=count)  # type: ignore[arg-type]
+    for i in range(7):
+        ledger.record(row(request_id=f"r{i}"))
+    assert ledger.buffered == 7
+    rows = await ledger.read(lambda store: store.rows(limit=100))  # a read flushes first
+    assert len(rows) == 7 and ledger.buffered == 0 and counts == {"written": 7}
+    await ledger.aclose()
+
+
+async def test_a_full_buffer_drops_and_counts_and_logs_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    counts, count = counting()
+    ledger = Ledger(SqlStore(f"sqlite:///{tmp_path / 'u.db'}"), capacity=3, count=count)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="proxykit.store.ledger"):
+        for i in range(10):
+            ledger.record(row(request_id=f"r{i}"))
+    assert ledger.buffered == 3 and counts == {"dropped": 7}
+    assert len([r for r in caplog.records if "buffer full" in r.message]) == 1
+    await ledger.aclose()
+    assert counts == {"dropped": 7, "written": 3}
+
+
+async def test_rows_survive_a_store_outage_and_arrive_after_it(tmp_path: Path) -> None:
+    store = FlakyStore(f"sqlite:///{tmp_path / 'u.db'}")
+    ledger = Ledger(store)
+    store.down = True
+    ledger.record(row(request_id="during"))
+    await ledger.flush()
+    assert ledger.buffered == 1 and not ledger.healthy
+    assert ledger.last_error is not None and "down" in ledger.last_error
+    ledger.record(row(request_id="after"))
+    store.down = False
+    await ledger.flush()
+    assert ledger.healthy and ledger.buffered == 0
+    assert {r.request_id for r in await ledger.read(lambda s: s.rows(limit=10))} == {"during", "after"}
+    await ledger.aclose()
+
+
+async def test_shutdown_writes_what_is_buffered(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    ledger = Ledger(SqlStore(url))
+    await ledger.start()
+    for i in range(5):
+        ledger.record(row(request_id=f"r{i}"))
+    await ledger.aclose()
+    assert len(SqlStore(url).rows(limit=10)) == 5
+
+
+async def test_spend_counts_pending_written_and_dropped_rows_once_refreshed(tmp_path: Path) -> None:
+    book = SpendBook({"team-a": Budget(max_usd=2.0, period="day")})
+    ledger = Ledger(SqlStore(f"sqlite:///{tmp_path / 'u.db'}"), spend=book, capacity=2)
+    now = row().time
+    ledger.record(row(cost_usd=0.5))
+    ledger.record(row(cost_usd=0.25, client="team-b"))  # no budget: not in the book
+    ledger.record(row(cost_usd=0.75))  # dropped: the buffer holds 2
+    assert book.spent("team-a", now) == pytest.approx(1.25)
+    await ledger.flush()
+    assert book.spent("team-a", now) == pytest.approx(1.25)
+    await ledger.refresh_spend()
+    assert book.spent("team-a", now) == pytest.approx(1.25)  # 0.5 from the store, 0.75 dropped here
+    assert book.remaining("team-a", now) == pytest.approx(0.75)
+    assert book.remaining("team-b", now) is None
+    tomorrow = now + 86400
+    assert book.spent("team-a", tomorrow) == pytest.approx(0.0)  # a new period starts from nothing stored
+    await ledger.aclose()
+
+
+@pytest.mark.parametrize(("period", "now", "start", "end"), [
+    pytest.param("day", "2026-03-04T15:00", "2026-03-04T00:00", "2026-03-05T00:00", id="day"),
+    pytest.param("week", "2026-03-04T15:00", "2026-03-02T00:00", "2026-03-09T00:00", id="week-from-monday"),
+    pytest.param("month", "2026-12-31T23:59", "2026-12-01T00:00", "2027-01-01T00:00", id="month-into-next-year"),
+    pytest.param("month", "2028-02-29T12:00", "2028-02-01T00:00", "2028-03-01T00:00", id="leap-february"),
+])
+def test_periods_are_utc_calendar_periods(period: str, now: str, start: str, end: str) -> None:
+    def epoch(text: str) -> float:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
+
+    assert period_bounds(period, epoch(now)) == (epoch(start), epoch(end))
+    assert period_bounds("total", epoch(now)) == (0.0, None)
