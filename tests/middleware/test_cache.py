@@ -221,7 +221,8 @@ async def test_entries_pack_into_one_bytes_object_and_back() -> None:
 
 async def test_memory_entries_leave_least_recently_used_first_within_the_byte_bound() -> None:
     cache = MemoryCache(max_bytes=100_000)
-    entry = CacheEntry(status=200, content_type=b"application/json", chunks=(b"x" * 9_000,), stream=False, prompt_tokens=1, completion_tokens=0)
+    entry = CacheEntry(status=200, content_type=b"application/json", chunks=(b"x" * 9_000,), stream=False,
+                       prompt_tokens=1, completion_tokens=0)
     for i in range(30):
         await cache.set(f"k{i}", entry, 60)
         await cache.get("k0")  # used all along: stays
@@ -229,7 +230,8 @@ async def test_memory_entries_leave_least_recently_used_first_within_the_byte_bo
     assert await cache.get("k0") is not None
     assert await cache.get("k1") is None  # the least recently used left first
     assert await cache.get("k29") is not None
-    big = CacheEntry(status=200, content_type=b"", chunks=(b"x" * 20_000,), stream=False, prompt_tokens=0, completion_tokens=0)
+    big = CacheEntry(status=200, content_type=b"", chunks=(b"x" * 20_000,), stream=False, prompt_tokens=0,
+                     completion_tokens=0)
     await cache.set("big", big, 60)  # over a tenth of the bound: not stored
     assert await cache.get("big") is None
 

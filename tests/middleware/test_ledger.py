@@ -13,8 +13,17 @@ import httpx
 import pytest
 
 from proxykit import create_app
-from tests.conftest import CHAT, CLIENT_KEY, UPSTREAM_KEYS, in_process, make_config, respx_proxy, serve, streamed, \
-    with_auth
+from tests.conftest import (
+    CHAT,
+    CLIENT_KEY,
+    UPSTREAM_KEYS,
+    in_process,
+    make_config,
+    respx_proxy,
+    serve,
+    streamed,
+    with_auth,
+)
 from tests.upstreams import WatchesDisconnect
 
 pytestmark = pytest.mark.anyio
