@@ -107,7 +107,7 @@ class ManagementApi:
         upstreams = "unhealthy" if not counts["healthy"] and not counts["degraded"] else \
             "degraded" if counts["degraded"] or counts["unhealthy"] else "healthy"
         ledger = self.resources.ledger
-        store = "disabled" if ledger is None else "healthy" if ledger.healthy else "unhealthy"
+        store = "disabled" if ledger is None else "healthy" if await ledger.probe() else "unhealthy"
         status = upstreams if upstreams != "healthy" or store != "unhealthy" else "degraded"
         return JSONResponse({
             "status": status,

@@ -127,6 +127,18 @@ class Ledger:
             raise
         return result
 
+    async def probe(self, timeout: float = 2.0) -> bool:
+        """Whether the store answers now (health checks); a failure is logged like a write's."""
+        try:
+            await asyncio.wait_for(self._in_thread(self.store.check), timeout)
+        except TimeoutError:
+            self._failed(StoreUnavailable("the store did not answer in time"))
+        except StoreUnavailable as exc:
+            self._failed(exc)
+        else:
+            self._succeeded()
+        return self.healthy
+
     async def aclose(self, timeout: float = 10.0) -> None:
         if self._task is not None:
             self._task.cancel()
