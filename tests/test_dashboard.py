@@ -17,7 +17,8 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import free_port, proxykit_process, wait_until_up
+from proxykit.demo import DemoUpstream, demo_config
+from tests.conftest import free_port, proxykit_process, serve, wait_until_up
 
 pytestmark = pytest.mark.anyio
 
@@ -26,10 +27,19 @@ VARIABLES = {"$model": ".*", "$__rate_interval": "1m", "$__range": "5m"}
 PROMETHEUS = shutil.which("prometheus")
 
 
-def panel_expressions() -> list[tuple[str, str]]:
+STORE_ROW = "Budgets and store"  # needs a budgeted client: its own test, below
+
+
+def panel_expressions(*, store_row: bool = False) -> list[tuple[str, str]]:
+    """Each panel's queries, with the dashboard's variables filled in: the store row's, or the others'."""
     dashboard = json.loads(DASHBOARD.read_text())
     found = []
+    row = ""
     for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+        if (row == STORE_ROW) != store_row:
+            continue
         for target in panel.get("targets", []):
             expr = target["expr"]
             for name, value in VARIABLES.items():
@@ -47,7 +57,7 @@ def test_dashboard_is_importable_as_is() -> None:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}"
     titles = {panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"}
-    assert titles == {"Traffic", "Latency", "Upstream keys", "Limits", "Tokens and cost"}
+    assert titles == {"Traffic", "Latency", "Upstream keys", "Limits", "Tokens and cost", STORE_ROW}
 
 
 @asynccontextmanager
@@ -123,3 +133,29 @@ async def query(api: httpx.AsyncClient, expr: str) -> list[Any]:
     assert body["status"] == "success", f"{expr}: {body}"
     result: list[Any] = body["data"]["result"]
     return result
+
+
+@pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"), reason="needs Debian's prometheus package")
+async def test_the_budget_and_store_row_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
+    capped = "pk-dashboard-capped-1111"
+    async with serve(DemoUpstream(), lifespan="off") as upstream_url:
+        config = demo_config(f"{upstream_url}/v1")
+        config["auth"] = {"keys": [{"name": "capped", "key": capped, "budget": {"max_usd": 2e-5, "period": "day"}}]}
+        config["store"] = {"url": f"sqlite:///{tmp_path / 'usage.db'}"}
+        path = tmp_path / "proxykit.yaml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        async with proxykit_process(tmp_path, "--config", str(path)) as proxy:
+            async with prometheus_scraping(proxy.url.removeprefix("http://"), tmp_path) as prometheus:
+                headers = {"authorization": f"Bearer {capped}"}
+                async with httpx.AsyncClient(base_url=proxy.url, headers=headers, timeout=30) as client:
+                    hello = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
+                    statuses = set()
+                    for _ in range(12):  # bounded: the budget runs out after a few, then 429s
+                        statuses.add((await client.post("/v1/chat/completions", json=hello)).status_code)
+                        await anyio.sleep(0.3)
+                async with httpx.AsyncClient(base_url=prometheus, timeout=30) as api:
+                    results = await evaluate_until_all_have_data(api, panel_expressions(store_row=True))
+    assert statuses == {200, 429}
+    assert len(results) == 5
+    empty = [title for title, expr, result in results if not result]
+    assert not empty, f"panels without data: {empty}"
