@@ -23,6 +23,7 @@ PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "pk-bench"
 SPLICE = "tcp splice"
 CACHE_HIT, CACHE_MISS = "proxykit full, cache hits", "proxykit full, cache misses"
+STORE_SQLITE, STORE_POSTGRES = "proxykit full, sqlite store", "proxykit full, postgresql store"
 
 # No cost-map download at start, quiet logs, and no master key: it would refuse to start without one.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
@@ -103,16 +104,17 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def proxykit_config(
-    upstream: str, *, full: bool, redis_url: str | None = None, cache: bool = False,
+    upstream: str, *, full: bool, redis_url: str | None = None, cache: bool = False, store: str = "none",
 ) -> dict[str, object]:
-    """Bare: forwarding only (no auth, no metrics, no retry, one key). Full: auth, a pool of 100
-    upstream keys with usage-based rotation, client limits too high to trigger, retry, metrics;
-    `cache`: and the response cache in memory."""
+    """Bare: forwarding only (no auth, no metrics, no retry, one key, no store). Full: auth, a pool
+    of 100 upstream keys with usage-based rotation, client limits too high to trigger, retry,
+    metrics, no store unless `store` names one; `cache`: and the response cache in memory."""
     if not full:
         return {
             "models": [{"name": "bench", "deployments": [{"base_url": f"{upstream}/v1", "api_keys": ["sk-bench"]}]}],
             "metrics": {"enabled": False},
             "retry": {"attempts": 0},
+            "store": {"url": "none"},
         }
     data: dict[str, object] = {
         "models": [{"name": "bench", "deployments": [
@@ -120,6 +122,7 @@ def proxykit_config(
         "auth": {"keys": [{"name": "bench", "key": CLIENT_KEY, "rpm": 10**8, "tpm": 10**10}]},
         "routing": {"strategy": "usage-based"},
         "metrics": {"enabled": True},
+        "store": {"url": store},
     }
     if redis_url:
         data["limits"] = {"backend": "redis", "redis_url": redis_url}
@@ -158,13 +161,14 @@ class Fleet:
 
 def start_fleet(
     tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None, splice: bool = False,
-    cache: bool = False,
+    cache: bool = False, postgres_url: str | None = None,
 ) -> Fleet:
     """`splice`: also the raw TCP splice, the least a Python relay can do. The streaming part asks
     for it: it shows whether this machine can relay the streams one event a read at all."""
     fleet = Fleet()
     try:
-        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache)
+        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache,
+                     postgres_url=postgres_url)
     except BaseException:
         fleet.close()
         raise
@@ -173,7 +177,7 @@ def start_fleet(
 
 def _start_fleet(
     fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, splice: bool,
-    cache: bool,
+    cache: bool, postgres_url: str | None,
 ) -> None:
     def add(name: str, command: list[str], port: int, core: int, env: dict[str, str] | None = None) -> None:
         process = start(command, core, env)
@@ -197,6 +201,10 @@ def _start_fleet(
                 "proxykit full": proxykit_config(upstream, full=True)}
     if redis_url:
         variants["proxykit full, redis"] = proxykit_config(upstream, full=True, redis_url=redis_url)
+    if cache:  # the plain part: the store's rows ride along with the cache's
+        variants[STORE_SQLITE] = proxykit_config(upstream, full=True, store=f"sqlite:///{tmp}/store-{free_port()}.db")
+        if postgres_url:
+            variants[STORE_POSTGRES] = proxykit_config(upstream, full=True, store=postgres_url)
     if cache:
         variants[CACHE_HIT] = proxykit_config(upstream, full=True, cache=True)
     for name, data in variants.items():
@@ -214,6 +222,26 @@ def _start_fleet(
         path.write_text(yaml.safe_dump(litellm_config(upstream)))
         add("litellm", [litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"], port,
             PROXY_CORE, LITELLM_ENV)
+
+
+@contextmanager
+def postgres_database() -> Iterator[str | None]:
+    """A throwaway PostgreSQL cluster on the load core, for the `postgresql store` row, when
+    Debian's postgresql is installed; one database for each fleet (`postgresql://.../bench_N`)."""
+    from tests.postgres import BIN_DIR, PostgresServer
+
+    if BIN_DIR is None:
+        yield None
+        return
+    server = PostgresServer(BIN_DIR)
+    try:
+        server.start()
+        postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+        subprocess.run(["taskset", "-a", "-p", "-c", str(LOAD_CORE), str(postmaster)], check=True,
+                       stdout=subprocess.DEVNULL)
+        yield server.url()
+    finally:
+        server.remove()
 
 
 @contextmanager

@@ -32,13 +32,17 @@ from tests.benchmarks.processes import (
     CACHE_MISS,
     LOAD_CORE,
     SPLICE,
+    STORE_POSTGRES,
+    STORE_SQLITE,
     Fleet,
     Target,
     cpu_split,
     peak_rss_mib,
+    postgres_database,
     redis_server,
     start_fleet,
 )
+from tests.benchmarks.store_query import store_queries
 from tests.benchmarks.streams import Stream, load, quantile
 from tests.benchmarks.throughput import POST_SCRIPT, UNIQUE_POST_SCRIPT, run_wrk
 
@@ -56,14 +60,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="of each wrk run")
     parser.add_argument("--soak-streams", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="one repetition of 2 s runs: for trying things")
-    parser.add_argument("--only", choices=("plain", "streams", "soak"), action="append", help="run only these parts")
+    parser.add_argument("--only", choices=("plain", "streams", "soak", "store"), action="append",
+                        help="run only these parts")
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.seconds = 1, 2
     os.sched_setaffinity(0, {LOAD_CORE})
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 500 streams through a proxy are 2,000 sockets
-    parts = args.only or ["plain", "streams", "soak"]
+    parts = args.only or ["plain", "streams", "soak", "store"]
     tmp = Path(tempfile.mkdtemp(prefix="proxykit-bench-"))
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -71,9 +76,11 @@ def main() -> None:
         "settings": {"repeat": args.repeat, "seconds": args.seconds, "soak_streams": args.soak_streams,
                      "litellm": args.litellm},
     }
-    with redis_server() as redis_url:
+    with redis_server() as redis_url, postgres_database() as postgres_url:
         if "plain" in parts:
-            results["plain"] = plain(tmp, args, redis_url)
+            results["plain"] = plain(tmp, args, redis_url, postgres_url)
+    if "store" in parts:
+        results["store"] = store_queries(tmp)
     if "streams" in parts:
         results["streams"] = streams(tmp, args)
     if "soak" in parts:
@@ -86,14 +93,17 @@ def main() -> None:
     print(f"\nraw results: {path}")
 
 
-def plain(tmp: Path, args: argparse.Namespace, redis_url: str | None) -> list[dict[str, Any]]:
+def plain(
+    tmp: Path, args: argparse.Namespace, redis_url: str | None, postgres_url: str | None,
+) -> list[dict[str, Any]]:
     """Non-streaming: every concurrency and upstream latency, every target."""
     script, unique = tmp / "post.lua", tmp / "unique.lua"
     script.write_text(POST_SCRIPT)
     unique.write_text(UNIQUE_POST_SCRIPT)
     cells: list[dict[str, Any]] = []
     for latency in LATENCIES_MS:
-        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url, cache=True) as fleet:
+        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url, cache=True,
+                    postgres_url=postgres_url) as fleet:
             runs: dict[tuple[int, str], list[dict[str, float]]] = {}
             for _ in range(args.repeat):
                 for concurrency in CONCURRENCY:
@@ -208,6 +218,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         check("cache misses req/s at 64 vs full stack", ">= 0.95", ratio, ratio >= 0.95)
         worse = misses["p99_ms"] / full["p99_ms"]
         check("cache misses p99 at 64 vs full stack", "<= 1.0x (noise aside)", worse, worse <= 1.1)
+    for name in (STORE_SQLITE, STORE_POSTGRES):
+        stored = _cell(plain_cells, name, 0, 64)
+        if stored and full:
+            ratio = stored["rps"] / full["rps"]
+            check(f"{name.removeprefix('proxykit full, ')} req/s at 64 vs full stack", ">= 0.90", ratio, ratio >= 0.9)
+            worse = stored["p99_ms"] / full["p99_ms"]
+            check(f"{name.removeprefix('proxykit full, ')} p99 at 64 vs full stack", "<= 1.0x (noise aside)", worse,
+                  worse <= 1.1)
+    query = results.get("store", {}).get("usage_30_days_ms")
+    if query is not None:
+        check("/stats/usage over 30 days, 1M rows in SQLite (ms)", "< 200", query, query < 200)
     full1, floor1, direct1 = (_cell(plain_cells, name, 0, 1) for name in (FULL, "floor", "direct"))
     if full1 and floor1 and direct1:
         extra = full1["p50_ms"] - floor1["p50_ms"]
@@ -269,6 +290,15 @@ def report(results: dict[str, Any]) -> None:
                   f"At 64 it read {splice['events_per_read']:.2f} events per read at "
                   f"{_num(splice['cpu_us_per_event'], 1)} µs per event: what this machine allows any proxy "
                   "under this load.")
+    if store := results.get("store"):
+        print(f"\n## Management API reads over a SQLite store of {store['rows']:,} rows over 30 days\n")
+        print(f"(written through the store's batch path in {store['fill_seconds']} s; median of 5, max in brackets)\n")
+        print("| route | ms |")
+        print("|---|---|")
+        for name in ("usage_30_days_ms", "usage_one_client_ms", "performance_60_min_ms", "requests_newest_50_ms",
+                     "request_by_id_ms"):
+            print(f"| {name.removesuffix('_ms').replace('_', ' ')} | {store[name]:.1f} "
+                  f"[{store[name.removesuffix('_ms') + '_max_ms']:.1f}] |")
     if cells := results.get("soak"):
         print(f"\n## {results['settings']['soak_streams']} concurrent streams of 10 s\n")
         print("| target | completed (min) | first event p99 ms | peak RSS MiB |")
@@ -317,9 +347,10 @@ def _num(value: float, digits: int) -> str:
 @contextmanager
 def _fleet(
     tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, *, splice: bool = False,
-    cache: bool = False,
+    cache: bool = False, postgres_url: str | None = None,
 ) -> Iterator[Fleet]:
-    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache)
+    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache,
+                        postgres_url=postgres_url)
     try:
         yield fleet
     finally:
