@@ -79,8 +79,12 @@ def test_the_configmap_is_a_valid_config_with_the_secrets_keys(tmp_path: Path) -
     keys = tmp_path / "provider.txt"
     keys.write_text(secret["provider.txt"])
     text = MANIFESTS["configmap"]["data"]["proxykit.yaml"].replace("/etc/proxykit-keys/provider.txt", str(keys))
-    config = config_from_dict(yaml.safe_load(text), environ={"TEAM_A_KEY": secret["TEAM_A_KEY"]})
+    environ = {name: secret[name] for name in ("TEAM_A_KEY", "STORE_URL")}
+    config = config_from_dict(yaml.safe_load(text), environ=environ)
     assert len(config.models[0].deployments[0].api_keys) == 2
+    assert config.store.url.startswith("postgresql://")  # two replicas: one shared store
+    env = {entry["name"] for entry in container()["env"]}
+    assert env == set(environ)
     mounts = {mount["name"]: mount["mountPath"] for mount in container()["volumeMounts"]}
     assert mounts["config"] == str(Path(option(container()["args"], "--config")).parent)
     assert f"{mounts['keys']}/provider.txt" == "/etc/proxykit-keys/provider.txt"
