@@ -18,7 +18,10 @@ PERFORMANCE_SAMPLE: Final = 200_000  # the newest requests of the window that pe
 def date_range(start: str | None, end: str | None, today: dt.date) -> tuple[dt.date, dt.date]:
     """Inclusive UTC days; by default the last 30 (today and the 29 before)."""
     last = _date(end, "end_date") if end else today
-    first = _date(start, "start_date") if start else last - dt.timedelta(days=29)
+    try:
+        first = _date(start, "start_date") if start else last - dt.timedelta(days=29)
+    except OverflowError:
+        raise InvalidRequest("end_date is too early for a default start_date") from None
     if first > last:
         raise InvalidRequest("start_date must not be after end_date")
     return first, last

@@ -172,7 +172,8 @@ async def test_usage_totals_by_model_and_client_with_dates_and_filters(api: http
     past = (await api.get("/api/llm/stats/usage", params={"start_date": "2020-01-01", "end_date": "2020-01-31"},
                           headers=key(ADMIN_KEY))).json()
     assert past["total_requests"] == 0 and past["period"] == {"start": "2020-01-01", "end": "2020-01-31"}
-    for params in ({"start_date": "yesterday"}, {"start_date": "2026-02-01", "end_date": "2026-01-01"}):
+    for params in ({"start_date": "yesterday"}, {"start_date": "2026-02-01", "end_date": "2026-01-01"},
+                   {"end_date": "0001-01-02"}):
         bad = await api.get("/api/llm/stats/usage", params=params, headers=key(ADMIN_KEY))
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
 
