@@ -124,6 +124,8 @@ def _models(entries: list[Any], job: _Import) -> dict[str, dict[str, Any]]:
             if model_id != name:
                 deployment["model"] = model_id
             deployment.update({key: value for key, value in limits.items() if value is not None})
+            if isinstance(params.get("order"), int):  # LiteLLM's order: the lower, the sooner, as tiers here
+                deployment["priority"] = params["order"]
             if provider == "anthropic":
                 deployment.update(auth_header="x-api-key", headers={"anthropic-version": "2023-06-01"})
             elif provider == "azure":
@@ -132,8 +134,8 @@ def _models(entries: list[Any], job: _Import) -> dict[str, dict[str, Any]]:
             model["deployments"].append(deployment)
         if (key := job.key(params.get("api_key"), f"{where}.litellm_params.api_key", _slug(name))) is not None:
             deployment.setdefault("api_keys", []).append(key)
-        if params.get("order") is not None:
-            job.note(f"{where}.litellm_params.order", "priority tiers arrive with live configuration")
+        if params.get("order") is not None and not isinstance(params.get("order"), int):
+            job.note(f"{where}.litellm_params.order", "not a whole number: not carried over")
         for param in params:
             if param not in _CARRIED_PARAMS:
                 job.note(f"{where}.litellm_params.{param}", "no proxykit equivalent")

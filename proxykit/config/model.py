@@ -78,6 +78,7 @@ class Deployment:
     # "none" = direct; None = the HTTPS_PROXY / HTTP_PROXY / NO_PROXY environment
     auth_header: str = "authorization"  # how the key goes: authorization (Bearer KEY) | x-api-key | api-key
     headers: tuple[tuple[str, str], ...] = ()  # static headers, e.g. (("anthropic-version", "2023-06-01"),)
+    priority: int = 0  # a tier: a higher number serves only while no key of a lower tier is available
 
     @property
     def key_count(self) -> int:

@@ -146,7 +146,7 @@ class _Reader(AccountFields):
             return ()
         result = []
         allowed = ("base_url", "name", "model", "api_keys", "rpm", "tpm", "weight", "max_tokens", "proxy",
-                   "auth_header", "headers")
+                   "auth_header", "headers", "priority")
         for j, item in enumerate(raw):
             path = f"{model_path}.deployments[{j}]"
             entry = self.mapping(item, path, allowed)
@@ -173,6 +173,7 @@ class _Reader(AccountFields):
                 proxy=proxy,
                 auth_header=auth_header,
                 headers=headers,
+                priority=self.number(entry.get("priority", 0), f"{path}.priority", int, minimum=0) or 0,
                 **optional,
             ))
         return tuple(result)

@@ -27,16 +27,35 @@ _LATENCY_ALPHA = 0.3  # weight of the newest TTFB in the moving average
 class ModelKeys:
     """The keys of one model entry, with the heap that orders them."""
 
-    def __init__(self, model: ModelConfig, priority: Priority, clock: Clock) -> None:
+    def __init__(
+        self, model: ModelConfig, priority: Priority, clock: Clock,
+        existing: Mapping[tuple[str, str], KeyState] | None = None,
+    ) -> None:
+        """`existing`: states by (deployment name, secret) that carry over, as they are."""
         self.model = model
-        self.priority = priority
+        tiers = {deployment.priority for deployment in model.deployments}
+        # Tiers come first in the heap's order: a key of a higher tier is popped only when no
+        # key of a lower tier is available (resting keys are not in the heap at all).
+        self.priority = priority if len(tiers) == 1 else _tiered(priority)
         self.clock = clock
         self._sequence = 0
         self._pushes = 0
-        self._build({
-            deployment.name: [KeyState(deployment, key) for key in deployment.api_keys]
-            for deployment in model.deployments
-        })
+        existing = existing or {}
+        by_deployment: dict[str, list[KeyState]] = {}
+        for deployment in model.deployments:
+            states = by_deployment.setdefault(deployment.name, [])
+            for key in deployment.api_keys:
+                state = existing.get((deployment.name, key.secret))
+                if state is None:
+                    state = KeyState(deployment, key)
+                else:
+                    state.deployment, state.key, state.retired = deployment, key, False
+                    state.version += 1  # entries in the old heap are stale
+                    state.in_heap = False
+                states.append(state)
+        # Least recently used first, across the swap: the sequence goes on from the keys that stay.
+        self._sequence = max((state.last_used for states in by_deployment.values() for state in states), default=0)
+        self._build(by_deployment)
 
     def _build(self, by_deployment: dict[str, list[KeyState]]) -> None:
         # Interleaved (d0#0, d1#0, d0#1, ...), so that among equals consecutive choices alternate
@@ -160,11 +179,34 @@ class KeyPool:
     def __init__(self, config: Config, *, clock: Clock = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        priority = PRIORITIES[config.routing.strategy]
-        self.models = {model.name: ModelKeys(model, priority, clock) for model in config.models}
-        self._rank_on_release = config.routing.strategy in RANK_ON_RELEASE
-        self._owner = {id(state): keys for keys in self.models.values() for state in keys.keys}
+        self.models: dict[str, ModelKeys] = {}
+        self._owner: dict[int, ModelKeys] = {}
         self.on_rest: Callable[[KeyState], None] | None = None  # told when a key rests or is set aside
+        self.update(config)
+
+    def update(self, config: Config) -> tuple[int, int]:
+        """Takes a new config: a key that stays (same deployment name, same secret) keeps its
+        state (a rest, its usage, requests in flight), wherever it moved in its list; a key that
+        goes is retired and finishes what it does. Returns (added, retired)."""
+        existing = {(state.deployment.name, state.secret): state for state in self.all_keys()}
+        priority = PRIORITIES[config.routing.strategy]
+        models = {model.name: ModelKeys(model, priority, self.clock, existing) for model in config.models}
+        kept = {id(state) for keys in models.values() for state in keys.keys}
+        retired = [state for state in existing.values() if id(state) not in kept]
+        for state in retired:
+            state.retired = True
+        self.config, self.models = config, models
+        self._rank_on_release = config.routing.strategy in RANK_ON_RELEASE
+        self._owner = {id(state): keys for keys in models.values() for state in keys.keys}
+        return len(kept) - (len(existing) - len(retired)), len(retired)
+
+    def disable(self, state: KeyState, disabled: bool) -> None:
+        """Takes a key out of rotation (an operator's choice), or puts it back."""
+        if state.disabled == disabled:
+            return
+        state.disabled = disabled
+        state.reason = RestReason.DISABLED if disabled else None
+        self._changed(state)
 
     def choose(
         self, model: str, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()
@@ -179,7 +221,7 @@ class KeyPool:
         """The attempt that `choose` started has ended."""
         state.in_flight -= 1
         if self._rank_on_release:
-            self._owner[id(state)].changed(state)
+            self._changed(state)
 
     def record(self, state: KeyState, outcome: Outcome, headers: Mapping[str, str] | None = None,
                ttfb: float | None = None) -> RestReason | None:
@@ -206,10 +248,10 @@ class KeyPool:
             if headers:
                 reason = _apply_rate_limit_headers(state, headers, now)
                 if not reason:
-                    self._owner[id(state)].changed(state)  # the usage they report may rank it lower
+                    self._changed(state)  # the usage they report may rank it lower
         if reason:
             state.reason = reason
-            self._owner[id(state)].changed(state)
+            self._changed(state)
             if self.on_rest is not None:
                 self.on_rest(state)
         return reason
@@ -218,7 +260,7 @@ class KeyPool:
         """The key's shared bucket is full for `seconds`: no choice here until then either."""
         now = self.clock()
         state.request_tat = max(state.request_tat, now + seconds + 60.0 - interval(state.deployment.rpm))
-        self._owner[id(state)].changed(state)
+        self._changed(state)
 
     def rest_until(self, state: KeyState, until: float, *, reason: RestReason | None, set_aside: bool) -> None:
         """A rest decided elsewhere (another replica): applied when it ends later than ours."""
@@ -226,7 +268,7 @@ class KeyPool:
             return
         state.until, state.reason = max(until, state.until), reason or state.reason
         state.set_aside = state.set_aside or set_aside
-        self._owner[id(state)].changed(state)
+        self._changed(state)
 
     def replace_keys(self, deployment_name: str, secrets: list[str]) -> tuple[int, int]:
         """New keys for a deployment (a re-read key file); returns (added, removed)."""
@@ -241,8 +283,14 @@ class KeyPool:
 
     def recovered(self, state: KeyState) -> None:
         """A set-aside key passed its probe: back into rotation."""
-        state.set_aside, state.until, state.reason, state.failures = False, 0.0, None, 0
-        self._owner[id(state)].changed(state)
+        state.set_aside, state.until, state.failures = False, 0.0, 0
+        state.reason = RestReason.DISABLED if state.disabled else None
+        self._changed(state)
+
+    def _changed(self, state: KeyState) -> None:
+        owner = self._owner.get(id(state))
+        if owner is not None:  # a retired key (its config changed under a request) ranks nowhere
+            owner.changed(state)
 
     def postpone(self, state: KeyState, seconds: float) -> None:
         """A set-aside key whose probe could not run: probe it again later."""
@@ -250,11 +298,19 @@ class KeyPool:
 
     def due_for_probe(self) -> list[KeyState]:
         now = self.clock()
-        return [state for keys in self.models.values() for state in keys.keys if state.set_aside and state.until <= now]
+        return [state for keys in self.models.values() for state in keys.keys
+                if state.set_aside and not state.disabled and state.until <= now]
 
     def all_keys(self) -> Iterable[KeyState]:
         for keys in self.models.values():
             yield from keys.keys
+
+
+def _tiered(priority: Priority) -> Priority:
+    def tiered(state: KeyState) -> tuple[float, ...]:
+        return (state.deployment.priority, *priority(state))
+
+    return tiered
 
 
 def _apply_rate_limit_headers(state: KeyState, headers: Mapping[str, str], now: float) -> RestReason | None:

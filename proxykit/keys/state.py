@@ -34,7 +34,8 @@ class KeyState:
     stride_pass: float = 0.0  # weighted strategy: advances by 1/share on each use
     version: int = 0  # bumps whenever the priority changes; older heap entries are stale
     in_heap: bool = False
-    retired: bool = False  # removed from its key file; may still finish requests in flight
+    retired: bool = False  # removed from the config or its key file; may still finish requests in flight
+    disabled: bool = False  # taken out of rotation by an operator (management API), until put back
 
     @property
     def alias(self) -> str:
@@ -45,7 +46,7 @@ class KeyState:
         return self.key.secret
 
     def status(self, now: float) -> KeyStatus:
-        if self.set_aside:
+        if self.set_aside or self.disabled:
             return KeyStatus.SET_ASIDE
         return KeyStatus.RESTING if self.until > now else KeyStatus.AVAILABLE
 

@@ -82,6 +82,7 @@ def test_the_forms_of_litellms_docs_are_carried_or_commented() -> None:
     assert gpt is not None
     azure, openai = gpt.deployments
     assert (azure.base_url, azure.auth_header, azure.weight) == ("https://eu.openai.azure.com/openai/v1", "api-key", 2)
+    assert (azure.priority, openai.priority) == (1, 0)  # LiteLLM's order: a tier
     assert (openai.base_url, openai.model, openai.rpm) == ("https://api.openai.com/v1", "gpt-4o", 480)
     assert gpt.pricing is not None and (gpt.pricing.input_per_1m, gpt.pricing.output_per_1m) == (2.5, 10.0)
     assert gpt.fallbacks == ("vllm-model",)
@@ -89,7 +90,7 @@ def test_the_forms_of_litellms_docs_are_carried_or_commented() -> None:
     assert config.routing.strategy == "latency-based"
     assert (config.retry.attempts, config.cooldown.seconds) == (2, 60)
     assert (config.limits.backend, config.limits.redis_url) == ("redis", "redis://:value-of-REDIS_PASSWORD@redis:6380/0")
-    for carried_as_comment in ("api_version", "order", "drop_params", "model_group_alias", "database_url"):
+    for carried_as_comment in ("api_version", "drop_params", "model_group_alias", "database_url"):
         assert f".{carried_as_comment}: " in text, carried_as_comment
 
 

@@ -215,3 +215,52 @@ def test_a_rest_from_an_upstream_header_lasts_a_day_at_most(headers: dict[str, s
     outcome = Outcome.HTTP_429 if "retry-after" in next(iter(headers)) else Outcome.OK
     keys.record(state, outcome, headers)
     assert clock.now < state.until <= clock.now + 86_400
+
+
+def test_a_new_config_keeps_the_state_of_keys_that_stay_wherever_they_moved() -> None:
+    keys, clock = pool("round-robin")
+    resting = keys.choose("m")
+    assert resting is not None and resting.alias == "m#0"
+    keys.record(resting, Outcome.HTTP_429, {"retry-after": "30"})
+    busy = keys.choose("m")
+    assert busy is not None and busy.alias == "m#1"  # in flight across the swap
+    gone = next(state for state in keys.all_keys() if state.secret == "d")
+    new = config_from_dict({"models": [{"name": "m", "deployments": [
+        {"base_url": "http://x/v1", "api_keys": ["e", "c", "b", "a"]}]}], "routing": {"strategy": "least-busy"}})
+    assert keys.update(new) == (1, 1)
+    moved = {state.secret: state for state in keys.all_keys()}
+    assert moved["a"] is resting and moved["a"].alias == "m#3"  # the secret's state, at its new index
+    assert moved["a"].status(clock.now) is KeyStatus.RESTING and moved["b"].in_flight == 1
+    assert gone.retired and "d" not in moved
+    keys.release(busy)  # the request that started before the swap ends after it
+    keys.release(gone)  # a retired key's request ends too: no error, it ranks nowhere
+    chosen = {keys.choose("m").alias for _ in range(3)}  # type: ignore[union-attr]
+    assert chosen == {"m#0", "m#1", "m#2"}  # the resting key stays out
+    clock.now += 31
+    assert "m#3" in {keys.choose("m").alias for _ in range(4)}  # type: ignore[union-attr]
+
+
+def test_a_higher_tier_serves_only_while_no_lower_tier_key_is_available() -> None:
+    keys, clock = pool("round-robin", deployments=[
+        {"base_url": "http://backup/v1", "name": "backup", "api_keys": ["z"], "priority": 1},
+        {"base_url": "http://main/v1", "name": "main", "api_keys": ["a", "b"]},
+    ])
+    assert set(take(keys, 6)) == {"main#0", "main#1"}
+    for _ in range(2):
+        state = keys.choose("m")
+        assert state is not None and state.deployment.name == "main"
+        keys.record(state, Outcome.HTTP_429, {"retry-after": "10"})
+        keys.release(state)
+    assert take(keys, 3) == Counter({"backup#0": 3})
+    clock.now += 11
+    assert set(take(keys, 4)) == {"main#0", "main#1"}
+
+
+def test_a_disabled_key_is_never_chosen_until_enabled() -> None:
+    keys, _ = pool("round-robin")
+    state = next(iter(keys.all_keys()))
+    keys.disable(state, True)
+    assert state.status(0) is KeyStatus.SET_ASIDE and "m#0" not in take(keys, 8)
+    assert state not in keys.due_for_probe()  # not probed back in: an operator put it aside
+    keys.disable(state, False)
+    assert "m#0" in take(keys, 4)
