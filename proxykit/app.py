@@ -43,10 +43,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxykit.api.management import ManagementApi
 from proxykit.api.public import Endpoints
 from proxykit.config import Config
+from proxykit.config.live import ConfigFile
 from proxykit.config.reader import config_from_dict, load_config
 from proxykit.context import ensure_context
 from proxykit.errors import InternalError, MethodNotAllowed, ProxyError, RouteNotFound
 from proxykit.forward import Forwarder
+from proxykit.live import Live, LiveLayers
 from proxykit.middleware.auth import AuthMiddleware
 from proxykit.middleware.budget import BudgetMiddleware
 from proxykit.middleware.cache import CacheMiddleware
@@ -83,38 +85,49 @@ def create_app(
 
     `transport` replaces the upstream transport (tests plug respx in here).
     """
+    source = None if isinstance(config, (Config, dict)) else ConfigFile(config)
     config = _as_config(config)
     resources = Resources(config, transport=transport)
+    live = Live(resources, _layers, source=source)
     endpoints = Endpoints(resources)
-    forwarding = _forwarding_layers(resources)
     routes = [
+        Route(config.metrics.path, endpoints.metrics, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/health/ready", endpoints.ready, methods=["GET"]),
         Route("/v1/models", endpoints.models, methods=["GET"]),
         Route("/v1/models/{name:path}", endpoints.model, methods=["GET"]),
         Route("/models", endpoints.models, methods=["GET"]),  # for clients whose base URL has no /v1
         Route("/models/{name:path}", endpoints.model, methods=["GET"]),
-        Mount(config.management.path, routes=ManagementApi(resources, forwarding).routes()),
+        Mount(config.management.path, routes=ManagementApi(resources, live).routes()),
     ]
-    if resources.metrics is not None:
-        routes.insert(0, Route(config.metrics.path, endpoints.metrics, methods=["GET"]))
     app = Starlette(
         routes=routes,
-        middleware=_outer_layers(resources, forwarding=forwarding),
-        lifespan=resources.lifespan,
+        middleware=[Middleware(LiveLayers, live=live)],
+        lifespan=live.lifespan,
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.resources = resources
+    app.state.proxykit = live
     return app
 
 
-def _outer_layers(resources: Resources, *, forwarding: ASGIApp) -> list[Middleware]:
+def _layers(resources: Resources, routes: ASGIApp) -> tuple[ASGIApp, ASGIApp]:
+    """The layers of the running config: the outer ones around the routes, and the forwarding
+    ones they send `/v1/...` to. Built again on every reload."""
+    forwarding = _forwarding_layers(resources)
+    outer: ASGIApp = ForwardingDispatch(routes, forwarding=forwarding)
+    for layer in reversed(_outer_layers(resources)):
+        outer = layer.cls(outer, *layer.args, **layer.kwargs)
+    return outer, forwarding
+
+
+def _outer_layers(resources: Resources) -> list[Middleware]:
     """RequestId -> Metrics -> Ledger -> Auth -> ForwardingDispatch: every response, 401s and 429s
     included, gets an id and is counted, and every LLM request is recorded."""
     config = resources.config
     layers = [Middleware(RequestIdMiddleware)]
     pricing = {model.name: model.pricing for model in config.models if model.pricing}
-    if resources.metrics is not None:
+    if config.metrics.enabled:
         layers.append(Middleware(MetricsMiddleware, metrics=resources.metrics, pricing=pricing))
     if resources.ledger is not None:
         generate = (config.management.path + "/generate", config.management.path + "/generate/stream")
@@ -127,7 +140,6 @@ def _outer_layers(resources: Resources, *, forwarding: ASGIApp) -> list[Middlewa
     if config.auth.enabled:
         open_paths = _OPEN_PATHS if config.metrics.require_key else (*_OPEN_PATHS, config.metrics.path)
         layers.append(Middleware(AuthMiddleware, keys=config.auth.keys, open_paths=open_paths))
-    layers.append(Middleware(ForwardingDispatch, forwarding=forwarding))
     return layers
 
 

@@ -204,9 +204,8 @@ def serve(args: argparse.Namespace) -> int:
         exit_quietly_after_sigterm()
         _serve_workers(path, args)
         return 0
-    app = create_app(config)
-    if hasattr(signal, "SIGHUP"):  # re-read `file:` key lists without a restart
-        signal.signal(signal.SIGHUP, lambda signum, frame: app.state.resources.request_reload())
+    app = create_app(path)  # from the path: the app watches the file and reloads it when it changes
+    reload_on_sighup(app)
     server = DrainingServer(_uvicorn_config(app, args))
     exit_quietly_after_sigterm()
     _tune_garbage_collector()
@@ -258,9 +257,16 @@ def app_from_environment() -> Starlette:
     """The app of one `--workers N` process, from the config file named by $PROXYKIT_CONFIG."""
     configure_logging(os.environ.get("PROXYKIT_LOG_LEVEL", "info"), os.environ.get("PROXYKIT_LOG_FORMAT", "text"))
     app = create_app(os.environ[CONFIG_ENV])
+    reload_on_sighup(app)  # the supervisor passes its SIGHUP on to every worker
     drain_on_exit_signals(app)  # uvicorn made this worker's server: its signal handlers are wrapped
     _tune_garbage_collector()
     return app
+
+
+def reload_on_sighup(app: Starlette) -> None:
+    """SIGHUP re-reads the config file and every `file:` key list, changed or not."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: app.state.proxykit.request_reload())
 
 
 def warn_if_open(config: Config, host: str) -> bool:

@@ -13,7 +13,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from proxykit.body import ensure_payload, or_answer, requested_model
-from proxykit.config import ModelConfig
+from proxykit.config import Config, ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import InvalidRequest, ProxyError, UpstreamError
 from proxykit.headers import downstream_headers, upstream_headers
@@ -52,7 +52,6 @@ class Forwarder:
 
     def __init__(self, resources: Resources) -> None:
         self.resources = resources
-        self.count_usage = resources.config.metrics.enabled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watches: AttemptWatches  # of that loop
 
@@ -103,7 +102,7 @@ class Forwarder:
             changes["model"] = deployment.model
         path = route_path(scope)
         if (
-            self.count_usage and payload.get("stream") is True and path in _STREAM_USAGE_ON_REQUEST
+            _counts_usage(self.resources.config) and payload.get("stream") is True and path in _STREAM_USAGE_ON_REQUEST
             and _may_ask_for_usage(payload)
         ):
             # Streams carry usage only when asked; proxykit asks, and removes the extra event again.
@@ -210,7 +209,7 @@ class Forwarder:
         # Stripping an event changes the length: the body then goes out chunked.
         headers = downstream_headers(response.raw_headers, keep_length=not strip_usage)
         reader = None
-        if self.count_usage and response.status < 400:
+        if _counts_usage(self.resources.config) and response.status < 400:
             reader = UsageReader(event_stream=is_event_stream, encoding=response.header("content-encoding"))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         sent = b"\n\n"  # the last chunk relayed: whether it closed its event matters to stripping and errors
@@ -351,3 +350,8 @@ def _may_ask_for_usage(payload: dict[str, Any]) -> bool:
     proxykit can add to; any other value is the upstream's to refuse, passed on untouched."""
     options = payload.get("stream_options")
     return options is None or (isinstance(options, dict) and not options.get("include_usage"))
+
+
+def _counts_usage(config: Config) -> bool:
+    """Whether anything reads a response's usage: the metrics, or the store (budgets, stats)."""
+    return config.metrics.enabled or config.store.enabled

@@ -75,6 +75,9 @@ class ProxyMetrics:
                                        ["client"], registry=registry)
         self.store_records = Counter("proxykit_store_records_total", "Usage rows written to the store, or dropped.",
                                      ["result"], registry=registry)
+        self.config_reloads = Counter("proxykit_config_reloads_total",
+                                      "Re-reads of a changed config file and SIGHUPs, by result.",
+                                      ["result"], registry=registry)
         self.loop_lag = LoopLagProbe()  # started with the app's resources, on their event loop
         registry.register(self.loop_lag)
         self.key_collector = KeyAvailabilityCollector(pool)

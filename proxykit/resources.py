@@ -21,6 +21,7 @@ from proxykit.cache.base import CacheBackend
 from proxykit.cache.memory import MemoryCache
 from proxykit.cache.redis import RedisCache
 from proxykit.config import Config, ConfigError
+from proxykit.config.model import Budget
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState
 from proxykit.keys.upkeep import PoolUpkeep
@@ -60,18 +61,12 @@ class Resources:
         # (probes, and anyone embedding proxykit) wraps the same transport.
         self.transport = transport or Http1Transport(max_connections=4096, proxies=proxy_rules(config, os.environ))
         self.upstream = upstream_for(self.transport)
-        timeouts = config.timeouts
-        # LLM calls are slow: httpx's 5 s default everywhere would cut them off.
-        self.client_timeout = httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
-        )
-        # The forwarder's own calls: the first-byte deadline is its watch's (proxykit/watch.py),
-        # so `read` bounds only the silence between body chunks, never the wait for headers.
-        self.timeouts: dict[str, float | None] = {**self.client_timeout.as_dict(), "first_byte": None}
+        self.client_timeout, self.timeouts = _timeouts(config)
         # Every app has its own registry: a host that mounts proxykit twice, or uses
         # prometheus-client itself, never sees duplicate metric names.
         self.registry = CollectorRegistry()
-        self.metrics = ProxyMetrics(self.registry, self.keys) if config.metrics.enabled else None
+        # Made whether or not metrics are on: a reload may turn them on.
+        self.metrics = ProxyMetrics(self.registry, self.keys)
         self.limiter: RateLimiter = MemoryRateLimiter()
         self.redis: RedisConnection | None = None
         self.shared_keys: SharedKeyStates | None = None
@@ -83,18 +78,13 @@ class Resources:
             self.keys.on_rest = self._publish_rest
         self.cache: CacheBackend | None = None
         self._cache_redis: RedisConnection | None = None
-        if config.cache.enabled and config.cache.backend == "redis":
-            # Entries shared by every replica, through the limits' Redis URL.
-            self._cache_redis = self.redis or RedisConnection(config.limits.redis_url)
-            self.cache = RedisCache(self._cache_redis)
-        elif config.cache.enabled:
-            self.cache = MemoryCache(max_bytes=config.cache.max_bytes)
+        self._caches: list[CacheBackend] = []  # every backend made, closed at the end
+        self._choose_cache(config)
         self.spend: SpendBook | None = None
         self.ledger: Ledger | None = None
         if config.store.enabled:
             self.ledger, self.spend = _ledger(config, self.metrics)
-            if self.metrics is not None:
-                self.registry.register(StoreCollector(self.ledger, self.spend))
+            self.registry.register(StoreCollector(self.ledger, self.spend))
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None
@@ -117,7 +107,7 @@ class Resources:
             trust_env=False,
         )
         self.upkeep = PoolUpkeep(self.keys, self._client, shared=self.shared_keys)
-        if self.metrics is not None:
+        if self.config.metrics.enabled:
             self.metrics.loop_lag.start(asyncio.get_running_loop())
         if self.ledger is not None:
             await self.ledger.start()
@@ -150,6 +140,49 @@ class Resources:
         if self.upkeep is not None:
             self.upkeep.request_reload()
 
+    def apply(self, config: Config) -> tuple[int, int]:
+        """Takes a new config for new requests: key state, limit buckets, the cache, the store
+        and the connection pool carry over (`proxykit.live` builds the new layers). Returns the
+        keys (added, retired)."""
+        self.config = config
+        changed = self.keys.update(config)
+        self.client_timeout, self.timeouts = _timeouts(config)
+        if self._client is not None:
+            self._client.timeout = self.client_timeout
+        if self.upkeep is not None:
+            self.upkeep.follow(config)
+        if isinstance(self.transport, Http1Transport):
+            self.transport.client.proxies = proxy_rules(config, os.environ)
+        if self.spend is not None:
+            self.spend.update(_budgets(config))
+        self._choose_cache(config)
+        if self.state is ResourceState.OPENED:
+            if config.metrics.enabled:
+                self.metrics.loop_lag.start(asyncio.get_running_loop())
+            else:
+                self.metrics.loop_lag.stop()
+        return changed
+
+    def _choose_cache(self, config: Config) -> None:
+        """The cache backend the config asks for; one already made for it is kept, entries and all."""
+        wanted = config.cache.backend if config.cache.enabled else None
+        if wanted is None:
+            self.cache = None
+            return
+        for cache in self._caches:
+            if (wanted == "redis") == isinstance(cache, RedisCache):
+                self.cache = cache
+                if isinstance(cache, MemoryCache):
+                    cache.max_bytes = config.cache.max_bytes
+                return
+        if wanted == "redis":
+            # Entries shared by every replica, through the limits' Redis URL.
+            self._cache_redis = self.redis or RedisConnection(config.limits.redis_url)
+            self.cache = RedisCache(self._cache_redis)
+        else:
+            self.cache = MemoryCache(max_bytes=config.cache.max_bytes)
+        self._caches.append(self.cache)
+
     async def aclose(self) -> None:
         if self._upkeep_task is not None:
             self._upkeep_task.cancel()
@@ -163,13 +196,12 @@ class Resources:
             await self.redis.aclose()
         if self._cache_redis is not None and self._cache_redis is not self.redis:
             await self._cache_redis.aclose()
-        if self.cache is not None:
-            await self.cache.aclose()
+        for cache in self._caches:
+            await cache.aclose()
         if self.ledger is not None:
             await self.ledger.aclose()  # the rows still buffered are written first
-        if self.metrics is not None:
-            self.metrics.loop_lag.stop()
-            self.metrics.close()
+        self.metrics.loop_lag.stop()
+        self.metrics.close()
         self.state = ResourceState.CLOSED
 
     @asynccontextmanager
@@ -181,19 +213,32 @@ class Resources:
             await self.aclose()
 
 
-def _ledger(config: Config, metrics: ProxyMetrics | None) -> tuple[Ledger, SpendBook | None]:
-    """The usage store's writer, and the budgets' spend when any client has a budget."""
+def _ledger(config: Config, metrics: ProxyMetrics) -> tuple[Ledger, SpendBook]:
+    """The usage store's writer, and the budgets' spend (budgets may come with a reload)."""
     store = SqlStore(config.store.url, retention_days=config.store.retention_days)
     if store.postgres and importlib.util.find_spec("psycopg") is None:
         raise ConfigError(["store.url: PostgreSQL needs its driver: pip install 'proxykit-llm[postgres]'"])
-    budgets = {key.name: key.budget for key in config.auth.keys if key.budget is not None}
-    spend = SpendBook(budgets) if budgets else None
+    spend = SpendBook(_budgets(config))
 
     def count(result: str, amount: int) -> None:
-        if metrics is not None:
-            metrics.add(metrics.store_records, (result,), float(amount))
+        metrics.add(metrics.store_records, (result,), float(amount))
 
     return Ledger(store, spend=spend, count=count), spend
+
+
+def _budgets(config: Config) -> dict[str, Budget]:
+    return {key.name: key.budget for key in config.auth.keys if key.budget is not None}
+
+
+def _timeouts(config: Config) -> tuple[httpx.Timeout, dict[str, float | None]]:
+    timeouts = config.timeouts
+    # LLM calls are slow: httpx's 5 s default everywhere would cut them off.
+    client_timeout = httpx.Timeout(
+        connect=timeouts.connect, read=timeouts.read, write=timeouts.read, pool=timeouts.first_byte,
+    )
+    # The forwarder's own calls: the first-byte deadline is its watch's (proxykit/watch.py),
+    # so `read` bounds only the silence between body chunks, never the wait for headers.
+    return client_timeout, {**client_timeout.as_dict(), "first_byte": None}
 
 
 def proxy_rules(config: Config, environ: Mapping[str, str]) -> ProxyRules:

@@ -14,9 +14,11 @@ its first byte (or after the connection opened), or when its body pauses for `bo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -229,6 +231,15 @@ class DrainingSupervisor(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+    def handle_hup(self) -> None:
+        """Passes SIGHUP on to every worker, each of which re-reads its config in place; uvicorn's
+        own answer, replacing every worker, would cut every stream in flight."""
+        for process in self.processes:
+            pid = process.pid
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
 
 
 def exit_quietly_after_sigterm() -> None:

@@ -12,12 +12,13 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from proxykit.body import ensure_payload, or_answer, replay
 from proxykit.config import Pricing
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import InvalidRequest, ProxyError
+from proxykit.live import Live
 from proxykit.respond import send_error
 from proxykit.usage import accounting
 
@@ -29,16 +30,11 @@ _NOT_PARAMETERS: Final = frozenset({"model", "messages", "stream"})
 class GenerateEndpoint:
     """An ASGI endpoint: turns the request into a chat completion for `forwarding`.
 
-        Route("/generate", GenerateEndpoint(forwarding, pricing=..., max_body_bytes=..., check=...))
+        Route("/generate", GenerateEndpoint(live, stream=False, check=management.check))
     """
 
-    def __init__(
-        self, forwarding: ASGIApp, *, pricing: Mapping[str, Pricing], max_body_bytes: int, stream: bool,
-        check: Callable[[Scope], object],
-    ) -> None:
-        self.forwarding = forwarding
-        self.pricing = dict(pricing)
-        self.max_body_bytes = max_body_bytes
+    def __init__(self, live: Live, *, stream: bool, check: Callable[[Scope], object]) -> None:
+        self.live = live  # the forwarding layers and the pricing of the running config
         self.stream = stream
         self.check = check  # raises AdminOnly for a caller the management API does not answer
 
@@ -48,7 +44,8 @@ class GenerateEndpoint:
         except ProxyError as exc:
             await send_error(exc, scope, receive, send)
             return
-        payload = await or_answer(ensure_payload(scope, receive, self.max_body_bytes), scope, receive, send)
+        config = self.live.config
+        payload = await or_answer(ensure_payload(scope, receive, config.limits.max_body_bytes), scope, receive, send)
         if payload is None:
             return
         try:
@@ -65,7 +62,9 @@ class GenerateEndpoint:
             headers.append((b"accept-encoding", b"identity"))
         inner = {**scope, "path": "/chat/completions", "raw_path": b"/chat/completions", "root_path": "",
                  "query_string": b"", "headers": headers}
-        await self.forwarding(inner, replay(ctx.body, receive), send if streamed else self._with_cost(send, ctx))
+        forwarding = self.live.forwarding
+        assert forwarding is not None, "the app's layers are built before its first request"
+        await forwarding(inner, replay(ctx.body, receive), send if streamed else self._with_cost(send, ctx))
 
     def _with_cost(self, send: Send, ctx: RequestContext) -> Send:
         """A send that holds a plain answer until it is whole, then adds its cost."""
@@ -94,7 +93,8 @@ class GenerateEndpoint:
                     await send(start)
                     await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
                 return
-            body = _priced(b"".join(chunks), self.pricing.get(ctx.served_by or ctx.model))
+            model = self.live.config.model(ctx.served_by or ctx.model)
+            body = _priced(b"".join(chunks), model.pricing if model is not None else None)
             headers = [(name, value) for name, value in start["headers"] if name != b"content-length"]
             headers.append((b"content-length", b"%d" % len(body)))
             await send({**start, "headers": headers})

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Scope
+from starlette.types import Scope
 
 from proxykit.api import stats
 from proxykit.api.generate import GenerateEndpoint
@@ -26,6 +26,7 @@ from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import AdminOnly, InvalidRequest, RouteNotFound, StoreUnreachable
 from proxykit.keys.state import KeyStatus
+from proxykit.live import Live
 from proxykit.resources import Resources
 from proxykit.routing import is_model_allowed
 from proxykit.store.base import iso_time
@@ -38,17 +39,13 @@ STATUS_WINDOW: Final = 300.0  # seconds of requests a model's status is worked o
 
 
 class ManagementApi:
-    def __init__(self, resources: Resources, forwarding: ASGIApp) -> None:
+    def __init__(self, resources: Resources, live: Live) -> None:
         self.resources = resources
-        self.forwarding = forwarding
+        self.live = live
 
     def routes(self) -> list[BaseRoute]:
-        config = self.resources.config
-        pricing = {model.name: model.pricing for model in config.models if model.pricing}
-
         def generate(stream: bool) -> GenerateEndpoint:
-            return GenerateEndpoint(self.forwarding, pricing=pricing, max_body_bytes=config.limits.max_body_bytes,
-                                    stream=stream, check=self.check)
+            return GenerateEndpoint(self.live, stream=stream, check=self.check)
 
         return [
             Route("/generate", generate(stream=False), methods=["POST"]),

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxykit.config import ModelConfig
 from proxykit.context import ensure_context
-from proxykit.errors import ModelNotFound
+from proxykit.errors import ModelNotFound, RouteNotFound
 from proxykit.keys.state import KeyStatus
 from proxykit.resources import Resources, ResourceState
 from proxykit.routing import is_model_allowed
@@ -63,7 +63,8 @@ class Endpoints:
         return JSONResponse({"status": readiness, "models": models}, status_code=200 if readiness == "ok" else 503)
 
     async def metrics(self, request: Request) -> Response:
-        assert self.resources.metrics is not None, "the route exists only when metrics are on"
+        if not self.resources.config.metrics.enabled:
+            raise RouteNotFound(f"no route for {request.url.path}: metrics are off")
         return Response(self.resources.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:

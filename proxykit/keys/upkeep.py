@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import httpx
 
+from proxykit.config import Config
 from proxykit.config.reader import read_key_file
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState
@@ -41,9 +42,14 @@ class PoolUpkeep:
         self.interval = interval
         self.shared = shared  # rests published by other replicas, with `limits.backend: redis`
         self._reload_requested = False
+        self._files: dict[str, tuple[str, float | None]] = {}
+        self.follow(pool.config)
+
+    def follow(self, config: Config) -> None:
+        """Watches the key files `config` names (a reload read them just now)."""
         self._files = {
             deployment.name: (deployment.keys_file, _mtime(deployment.keys_file))
-            for model in pool.config.models for deployment in model.deployments if deployment.keys_file
+            for deployment in config.deployments if deployment.keys_file
         }
 
     def request_reload(self) -> None:

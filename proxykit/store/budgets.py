@@ -32,6 +32,11 @@ class SpendBook:
         self.budgets = dict(budgets)
         self._spend = {client: _Spend() for client in self.budgets}
 
+    def update(self, budgets: Mapping[str, Budget]) -> None:
+        """New budgets (a reload): clients that keep one keep their spend."""
+        self.budgets = dict(budgets)
+        self._spend = {client: self._spend.get(client) or _Spend() for client in self.budgets}
+
     def spent(self, client: str, now: float) -> float:
         spend = self._spend[client]
         start, _ = period_bounds(self.budgets[client].period, now)

@@ -80,7 +80,7 @@ class Ledger:
         cannot be reached now is logged; rows wait for it."""
         try:
             await self._in_thread(self.store.check)
-            if self.spend is not None:
+            if self.spend is not None and self.spend.budgets:
                 await self.refresh_spend()  # budgets start from the store's spend, not from zero
         except StoreUnavailable as exc:
             self._failed(exc)
@@ -161,7 +161,7 @@ class Ledger:
             await asyncio.sleep(FLUSH_EVERY)
             await self.flush()
             now = time.monotonic()
-            if self.spend is not None and now >= next_sync:
+            if self.spend is not None and self.spend.budgets and now >= next_sync:
                 next_sync = now + SYNC_EVERY
                 with contextlib.suppress(StoreUnavailable):
                     await self.refresh_spend()

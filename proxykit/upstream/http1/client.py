@@ -68,6 +68,16 @@ class Http1Client:
         self._expiry_timer: asyncio.TimerHandle | None = None
 
     @property
+    def proxies(self) -> ProxyRules | None:
+        return self._proxies
+
+    @proxies.setter
+    def proxies(self, rules: ProxyRules | None) -> None:
+        """New egress rules (a reload): connections are pooled by (origin, proxy), so a request
+        never reuses a connection made through another proxy."""
+        self._proxies = rules if rules is not None and rules.active else None
+
+    @property
     def open_connections(self) -> int:
         return len(self._connections)
 
