@@ -176,7 +176,7 @@ async def _key_alias_is(client: httpx.AsyncClient, model: str, aliases: set[str]
 
 async def _limited_to(client: httpx.AsyncClient, rpm: str) -> bool:
     response = await client.post("/v1/chat/completions", json={**CHAT, "model": "added"})
-    return response.headers.get("x-ratelimit-limit-requests") == rpm
+    return bool(response.headers.get("x-ratelimit-limit-requests") == rpm)
 
 
 async def test_a_configmap_symlink_swap_is_a_change(upstream: str, tmp_path: Path) -> None:
