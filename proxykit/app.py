@@ -163,6 +163,9 @@ def _forwarding_layers(resources: Resources) -> ASGIApp:
             max_body_bytes=body_limit, max_entry_bytes=cache.max_bytes // 10,
             resolve=functools.partial(resolve_model, config),
         )
+    if limits := ClientLimits.by_model(config.models):  # inside the client's: a refused client spends none
+        app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit,
+                                  per="model")
     if limits := ClientLimits.by_client(config.auth.keys):
         app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
     if resources.spend is not None:  # outermost: a client out of budget spends no rpm either

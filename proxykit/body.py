@@ -88,6 +88,30 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
+def add_defaults(ctx: RequestContext, defaults: tuple[tuple[str, object], ...]) -> None:
+    """The model's body defaults (`defaults`, or a management API's `parameters`), each added
+    only when the client sent no such member: defaults, never caps."""
+    if not defaults or ctx.payload is None or ctx.body is None:
+        return
+    missing = {name: value for name, value in defaults if name not in ctx.payload}
+    if missing:
+        ctx.body = with_members(ctx.body, ctx.payload, missing)
+        ctx.payload = {**ctx.payload, **missing}
+
+
+def with_members(body: bytes, payload: dict[str, Any], changes: dict[str, Any]) -> bytes:
+    """The body with `changes` made. Members the body does not have yet go in before its closing
+    brace, and the client's own bytes stay as they came: encoding a long conversation again costs
+    more than the rest of the request, and escapes every non-ASCII character. A member the body has
+    already means encoding it again (no duplicate keys)."""
+    if changes.keys().isdisjoint(payload) and payload:
+        end = body.rstrip()
+        # A body in UTF-16 or UTF-32 (JSON allows them) has a zero byte beside one brace or both.
+        if end.endswith(b"}") and body.lstrip().startswith(b"{"):
+            return end[:-1] + b"," + json.dumps(changes).encode()[1:]
+    return json.dumps({**payload, **changes}).encode()
+
+
 def requested_model(ctx: RequestContext) -> str:
     model = (ctx.payload or {}).get("model")
     if not isinstance(model, str) or not model:

@@ -15,6 +15,7 @@ ProxyError
  ├── InternalError             500 internal_error
  ├── UpstreamError             502 upstream_error
  │    └── UpstreamBadResponse  502 upstream_error (an answer that is not HTTP: counts as a 5xx)
+ ├── ModelUnavailable          503 model_unavailable
  ├── NoUpstreamAvailable       503 no_upstream_available
  ├── StoreUnreachable          503 store_unavailable (a management read while the store is down)
  └── UpstreamTimeout           504 upstream_timeout
@@ -95,6 +96,10 @@ class UpstreamError(ProxyError):
 
 class UpstreamBadResponse(UpstreamError):
     outcome = Outcome.HTTP_5XX  # the upstream answered, badly: that attempt failed, not its connection
+
+
+class ModelUnavailable(ProxyError):
+    status, error_type, code = 503, "service_unavailable", "model_unavailable"
 
 
 class NoUpstreamAvailable(ProxyError):

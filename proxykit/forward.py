@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ from typing import Any, NamedTuple
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from proxykit.body import ensure_payload, or_answer, requested_model
+from proxykit.body import add_defaults, ensure_payload, or_answer, requested_model, with_members
 from proxykit.config import Config, ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import InvalidRequest, ProxyError, UpstreamError
@@ -82,6 +81,7 @@ class Forwarder:
         await ensure_payload(scope, receive, config.limits.max_body_bytes)
         model = resolve_model(config, requested_model(ctx), ctx.allowed_models)
         ctx.set_model(model.name)
+        add_defaults(ctx, model.defaults)
         return model
 
     def _choose(self, model: ModelConfig, ctx: RequestContext) -> None:
@@ -110,7 +110,7 @@ class Forwarder:
             ctx.injected_usage = True
         if changes:
             try:
-                body = _with_members(body, payload, changes)
+                body = with_members(body, payload, changes)
             except RecursionError:  # parsed just under the interpreter's limit, too deep to write again
                 raise InvalidRequest("the request body is nested too deeply") from None
         headers = upstream_headers(scope["headers"])
@@ -330,19 +330,6 @@ def _finish(reader: UsageReader | None, ctx: RequestContext, *, complete: bool =
         reader.finish()
         ctx.usage, ctx.sent_events = reader.usage, reader.events
     ctx.finished = complete
-
-
-def _with_members(body: bytes, payload: dict[str, Any], changes: dict[str, Any]) -> bytes:
-    """The body with `changes` made. Members the body does not have yet go in before its closing
-    brace, and the client's own bytes stay as they came: encoding a long conversation again costs
-    more than the rest of the request, and escapes every non-ASCII character. A member the body has
-    already means encoding it again (no duplicate keys)."""
-    if changes.keys().isdisjoint(payload):
-        end = body.rstrip()
-        # A body in UTF-16 or UTF-32 (JSON allows them) has a zero byte beside one brace or both.
-        if end.endswith(b"}") and body.lstrip().startswith(b"{"):
-            return end[:-1] + b"," + json.dumps(changes).encode()[1:]
-    return json.dumps({**payload, **changes}).encode()
 
 
 def _may_ask_for_usage(payload: dict[str, Any]) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from proxykit.config import Config, ModelConfig
-from proxykit.errors import ModelNotAllowed, ModelNotFound
+from proxykit.errors import ModelNotAllowed, ModelNotFound, ModelUnavailable
 
 _HINTED = 5  # models named in a model_not_found message
 
@@ -25,4 +25,6 @@ def resolve_model(config: Config, name: str, allowed: tuple[str, ...] | None) ->
         hint = f"; models you may use: {', '.join(usable[:_HINTED])}" if usable else ""
         more = f" and {len(usable) - _HINTED} more (GET /v1/models)" if len(usable) > _HINTED else ""
         raise ModelNotFound(f"the model {name!r} does not exist{hint}{more}")
+    if not model.enabled:
+        raise ModelUnavailable(f"the model {name!r} is disabled for now")
     return model

@@ -71,14 +71,15 @@ class Endpoints:
         allowed = ensure_context(request.scope).allowed_models
         data = [
             _model_object(model) for model in self.resources.config.models
-            if is_model_allowed(model.name, allowed)
+            if model.enabled and is_model_allowed(model.name, allowed)
         ]
         return JSONResponse({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["name"]
         model = self.resources.config.model(name)
-        if model is None or not is_model_allowed(name, ensure_context(request.scope).allowed_models):
+        allowed = ensure_context(request.scope).allowed_models
+        if model is None or not model.enabled or not is_model_allowed(name, allowed):
             raise ModelNotFound(f"the model {name!r} does not exist")
         return JSONResponse(_model_object(model))
 

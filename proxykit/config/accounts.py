@@ -79,6 +79,26 @@ class AccountFields(FieldReader):
             self.fail("management.path", "must start with / and stay clear of /v1 and /health")
         return ManagementConfig(path=path)
 
+    def defaults(self, raw: Any, path: str) -> tuple[tuple[str, object], ...]:
+        """A model's body defaults: any JSON members but the ones that name the request."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict) or not all(isinstance(name, str) for name in raw):
+            self.fail(path, "must be a mapping of body members, e.g. {temperature: 0.7}")
+            return ()
+        for name in ("model", "messages", "stream"):
+            if name in raw:
+                self.fail(f"{path}.{name}", "is the client's to send, not a default")
+        return tuple((name, value) for name, value in raw.items() if name not in ("model", "messages", "stream"))
+
+    def model_limits(self, raw: Any, path: str) -> dict[str, int | None]:
+        """A model's own rpm and tpm across every client: `{requests_per_minute, tokens_per_minute}`."""
+        entry = self.mapping(raw, path, ("requests_per_minute", "tokens_per_minute"))
+        return {
+            short: self.number(entry[name], f"{path}.{name}", int, minimum=1) if entry.get(name) is not None else None
+            for short, name in (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"))
+        }
+
     def string_list(self, raw: Any, path: str) -> tuple[str, ...]:
         if raw is None:
             return ()

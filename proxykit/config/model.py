@@ -99,6 +99,10 @@ class ModelConfig:
     fallbacks: tuple[str, ...] = ()
     pricing: Pricing | None = None
     priority: int = 0  # orders the management API's model lists, lowest first
+    enabled: bool = True  # False: requests get 503 model_unavailable, and it is no one's fallback
+    defaults: tuple[tuple[str, object], ...] = ()  # body members added when the client sent none
+    rpm: int | None = None  # the model's own limits, across every client (`rate_limit`)
+    tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,15 @@ class RoutingConfig:
 class BackoffConfig:
     initial: float = 0.2
     max: float = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Active checks: an unbilled `GET {base_url}/models` per deployment every `interval` seconds."""
+
+    interval: float = 30.0  # 0 turns active checks off
+    failure_threshold: int = 3  # consecutive failed checks: the deployment is unhealthy
+    recovery_threshold: int = 2  # consecutive passed checks: healthy again
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +198,7 @@ class Config:
     models: tuple[ModelConfig, ...]
     auth: AuthConfig = AuthConfig()
     routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
     retry: RetryConfig = RetryConfig()
     cooldown: CooldownConfig = CooldownConfig()
     timeouts: TimeoutConfig = TimeoutConfig()

@@ -33,6 +33,7 @@ from proxykit.config.model import (
     ConfigError,
     CooldownConfig,
     Deployment,
+    HealthConfig,
     LimitsConfig,
     MetricsConfig,
     ModelConfig,
@@ -93,6 +94,9 @@ class _Reader(AccountFields):
                     "routing.strategy", ROUTING_STRATEGIES, "usage-based",
                 )
             ),
+            health=self.section(top, "health", HealthConfig, {
+                "interval": float, "failure_threshold": int, "recovery_threshold": int,
+            }),
             retry=self.retry(top.get("retry")),
             cooldown=self.section(top, "cooldown", CooldownConfig, {
                 "on_429": float, "on_auth_error": float, "after_failures": int, "seconds": float,
@@ -119,7 +123,8 @@ class _Reader(AccountFields):
         seen_deployments: set[str] = set()
         for i, item in enumerate(raw):
             path = f"models[{i}]"
-            entry = self.mapping(item, path, ("name", "deployments", "fallbacks", "pricing", "priority"))
+            entry = self.mapping(item, path, ("name", "deployments", "fallbacks", "pricing", "priority", "enabled",
+                                              "defaults", "rate_limit"))
             name = self.string(entry.get("name"), f"{path}.name", required=True)
             if name is None:
                 continue
@@ -137,6 +142,9 @@ class _Reader(AccountFields):
                 fallbacks=self.string_list(entry.get("fallbacks"), f"{path}.fallbacks"),
                 pricing=self.pricing(entry.get("pricing"), f"{path}.pricing"),
                 priority=self.number(entry.get("priority", 0), f"{path}.priority", int, minimum=-(10**6)) or 0,
+                enabled=self.boolean(entry.get("enabled"), f"{path}.enabled", True),
+                defaults=self.defaults(entry.get("defaults"), f"{path}.defaults"),
+                **self.model_limits(entry.get("rate_limit"), f"{path}.rate_limit"),
             ))
         return tuple(models)
 

@@ -40,7 +40,7 @@ def choose_key(
     Keys this request has not tried come first, then tried ones that are still available (the
     retry layer has backed off meanwhile); deployments that failed to connect are skipped only
     while another deployment has a key."""
-    names = (model.name, *model.fallbacks)
+    names = (model.name, *(name for name in model.fallbacks if _enabled(pool, name)))
     passes: list[tuple[list[KeyState], set[str]]] = [(tried, skip_deployments)]
     if tried:
         passes.append(([], skip_deployments))
@@ -52,6 +52,12 @@ def choose_key(
             if state is not None:
                 return state, name
     return None
+
+
+def _enabled(pool: KeyPool, name: str) -> bool:
+    """A disabled model is no one's fallback."""
+    keys = pool.models.get(name)
+    return keys is not None and keys.model.enabled
 
 
 def soonest_return(pool: KeyPool, model: ModelConfig) -> float:

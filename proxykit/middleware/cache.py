@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ensure_payload, or_answer, requested_model, until_disconnect
+from proxykit.body import add_defaults, ensure_payload, or_answer, requested_model, until_disconnect
 from proxykit.cache.base import CACHEABLE_PATHS, CacheBackend, CacheEntry, CachePolicy, cache_key
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
@@ -79,11 +79,13 @@ class CacheMiddleware:
     async def _payload(self, scope: Scope, receive: Receive, ctx: RequestContext) -> dict[str, Any]:
         """The body, once its model is known and allowed: a cached answer is no way around an
         allow-list, and a hit is counted under its model."""
-        payload = await ensure_payload(scope, receive, self.max_body_bytes)
+        await ensure_payload(scope, receive, self.max_body_bytes)
         model = self.resolve(requested_model(ctx), ctx.allowed_models)
         if ctx.model != model.name:
             ctx.set_model(model.name)
-        return payload
+        add_defaults(ctx, model.defaults)  # the key is of the body the upstream would get
+        assert ctx.payload is not None
+        return ctx.payload
 
     async def _miss(
         self, key: str, streamed: bool, ctx: RequestContext, scope: Scope, receive: Receive, send: Send,

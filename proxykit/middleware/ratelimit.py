@@ -10,7 +10,7 @@ from typing import Final
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxykit.body import ensure_body, ensure_payload, or_answer
-from proxykit.config import ClientKey
+from proxykit.config import ClientKey, ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import RateLimitExceeded
 from proxykit.headers import adding_headers
@@ -28,6 +28,11 @@ class ClientLimits:
     def by_client(cls, keys: tuple[ClientKey, ...]) -> dict[str, ClientLimits]:
         return {key.name: cls(key.rpm, key.tpm) for key in keys if key.rpm or key.tpm}
 
+    @classmethod
+    def by_model(cls, models: tuple[ModelConfig, ...]) -> dict[str, ClientLimits]:
+        """Each model's own limits, across every client (`rate_limit`)."""
+        return {model.name: cls(model.rpm, model.tpm) for model in models if model.rpm or model.tpm}
+
 
 @dataclass(frozen=True, slots=True)
 class _Buckets:
@@ -38,8 +43,8 @@ class _Buckets:
     tokens: str
 
     @classmethod
-    def of(cls, client: str, limits: ClientLimits) -> _Buckets:
-        return cls(limits, f"client:{client}:rpm", f"client:{client}:tpm")
+    def of(cls, per: str, name: str, limits: ClientLimits) -> _Buckets:
+        return cls(limits, f"{per}:{name}:rpm", f"{per}:{name}:tpm")
 
 
 class RateLimitMiddleware:
@@ -53,17 +58,31 @@ class RateLimitMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, limits: Mapping[str, ClientLimits], limiter: RateLimiter, max_body_bytes: int
+        self, app: ASGIApp, *, limits: Mapping[str, ClientLimits], limiter: RateLimiter, max_body_bytes: int,
+        per: str = "client",
     ) -> None:
+        """`per="model"`: `limits` are by model name, each across every client (a model's
+        `rate_limit`); refusals are counted as `model_rpm` and `model_tpm`, and only the client's
+        own limits set the `x-ratelimit-*` headers."""
         self.app = app
-        self.buckets = {client: _Buckets.of(client, client_limits) for client, client_limits in limits.items()}
+        self.per = per
+        self.buckets = {name: _Buckets.of(per, name, subject_limits) for name, subject_limits in limits.items()}
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = ensure_context(scope) if scope["type"] == "http" else None
-        buckets = self.buckets.get(ctx.client) if ctx is not None else None
-        if ctx is None or buckets is None:
+        if ctx is None:
+            await self.app(scope, receive, send)
+            return
+        if self.per == "client":
+            buckets = self.buckets.get(ctx.client)
+        elif (payload := await or_answer(ensure_payload(scope, receive, self.max_body_bytes), scope, receive,
+                                          send)) is None:
+            return
+        else:
+            buckets = self.buckets.get(str(payload.get("model")))
+        if buckets is None:
             await self.app(scope, receive, send)
             return
         admitted = await or_answer(self._admit(ctx, buckets, scope, receive), scope, receive, send)
@@ -71,7 +90,7 @@ class RateLimitMiddleware:
             return
         admissions, estimate = admitted
         try:
-            await self.app(scope, receive, adding_headers(send, _headers(admissions)))
+            await self.app(scope, receive, adding_headers(send, _headers(admissions)) if self.per == "client" else send)
         finally:
             if tpm := buckets.limits.tpm:
                 await self.limiter.settle(buckets.tokens, _tokens_used(ctx, estimate) - estimate, limit=tpm)
@@ -98,7 +117,7 @@ class RateLimitMiddleware:
         admissions = dict(zip(kinds, await self.limiter.admit_all(takes), strict=True))
         for kind, limit in ((b"requests", "rpm"), (b"tokens", "tpm")):
             if kind in admissions and not admissions[kind].allowed:
-                raise _refusal(ctx, limit, admissions)
+                raise _refusal(ctx, limit if self.per == "client" else f"{self.per}_{limit}", admissions)
         return admissions, estimate
 
 
@@ -122,13 +141,16 @@ def _tokens_used(ctx: RequestContext, estimate: int) -> int:
 
 def _refusal(ctx: RequestContext, limit: str, admissions: dict[bytes, Admission]) -> RateLimitExceeded:
     ctx.rate_limited = limit
-    refused = admissions[b"requests" if limit == "rpm" else b"tokens"]
+    requests = limit.endswith("rpm")
+    refused = admissions[b"requests" if requests else b"tokens"]
     wait = max(1, math.ceil(refused.retry_after))
+    whose = f"the model {ctx.model}" if limit.startswith("model_") else ctx.client
     message = (
-        f"rate limit reached for {ctx.client}: {refused.limit} {'requests' if limit == 'rpm' else 'tokens'} "
+        f"rate limit reached for {whose}: {refused.limit} {'requests' if requests else 'tokens'} "
         f"per minute; retry in {wait} s"
     )
-    headers = {name.decode(): value.decode() for name, value in _headers(admissions)}
+    headers = {} if limit.startswith("model_") else \
+        {name.decode(): value.decode() for name, value in _headers(admissions)}
     return RateLimitExceeded(message, headers={"retry-after": str(wait), **headers})
 
 

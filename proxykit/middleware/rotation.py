@@ -6,7 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxykit.body import ensure_payload, or_answer, requested_model, wait_unless_disconnected
+from proxykit.body import add_defaults, ensure_payload, or_answer, requested_model, wait_unless_disconnected
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.keys.choice import choose_key, learn, no_key_error, soonest_return
@@ -81,7 +81,9 @@ class KeyRotationMiddleware:
 
     async def _model(self, scope: Scope, receive: Receive, ctx: RequestContext) -> ModelConfig:
         await ensure_payload(scope, receive, self.max_body_bytes)
-        return resolve_model(self.pool.config, requested_model(ctx), ctx.allowed_models)
+        model = resolve_model(self.pool.config, requested_model(ctx), ctx.allowed_models)
+        add_defaults(ctx, model.defaults)
+        return model
 
     async def _choose_shared(self, model: ModelConfig, ctx: RequestContext) -> KeyState | None:
         state = self._choose(model, ctx)
