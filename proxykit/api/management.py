@@ -22,6 +22,7 @@ from starlette.types import Scope
 
 from proxykit.api import stats
 from proxykit.api.generate import GenerateEndpoint
+from proxykit.api.overrides import OverrideRoutes
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.errors import AdminOnly, InvalidRequest, RouteNotFound, StoreUnreachable
@@ -58,6 +59,7 @@ class ManagementApi:
             Route("/stats/budgets", self.budgets, methods=["GET"]),
             Route("/requests", self.requests, methods=["GET"]),
             Route("/requests/{request_id:path}", self.request, methods=["GET"]),
+            *OverrideRoutes(self.live, self.check).routes(),
         ]
 
     def check(self, scope: Scope) -> RequestContext:

@@ -30,8 +30,9 @@ class ClientLimits:
 
     @classmethod
     def by_model(cls, models: tuple[ModelConfig, ...]) -> dict[str, ClientLimits]:
-        """Each model's own limits, across every client (`rate_limit`)."""
-        return {model.name: cls(model.rpm, model.tpm) for model in models if model.rpm or model.tpm}
+        """Each model's own limits, across every client (`rate_limit`); a disabled model spends
+        none (it answers 503 further in)."""
+        return {model.name: cls(model.rpm, model.tpm) for model in models if (model.rpm or model.tpm) and model.enabled}
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,6 +127,13 @@ class Ledger:
             raise
         return result
 
+    async def query(self, query: Callable[[SqlStore], T], timeout: float = READ_TIMEOUT) -> T:
+        """Runs `query(store)` in the store's thread, without writing buffered rows first."""
+        try:
+            return await asyncio.wait_for(self._in_thread(query, self.store), timeout)
+        except TimeoutError:
+            raise StoreUnavailable("the store did not answer in time") from None
+
     async def probe(self, timeout: float = 2.0) -> bool:
         """Whether the store answers now (health checks); a failure is logged like a write's."""
         try:

@@ -22,7 +22,7 @@ from proxykit.upstream.target import printable_url
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # The schema, step by step: a database at version N runs the steps after N, in one transaction.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = ((
     """CREATE TABLE proxykit_requests (
@@ -40,7 +40,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = ((
         cost_usd DOUBLE PRECISION NOT NULL, PRIMARY KEY (hour, model, client, status))""",
     # Budgets read each client's spend since its period began, every second: this index answers alone.
     "CREATE INDEX proxykit_hourly_spend ON proxykit_hourly (client, hour, cost_usd)",
-),)
+), (
+    # Version 2: the management API's config overrides, shared by every replica.
+    """CREATE TABLE proxykit_overrides (
+        kind TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, updated DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (kind, name))""",
+))
 _COLUMNS: Final = (
     "time, request_id, client, model, served_model, deployment, key_alias, path, status, stream, prompt_tokens, "
     "completion_tokens, reasoning_tokens, cached_tokens, cost_usd, duration_ms, ttfb_ms, attempts, cache, totals_model"
@@ -152,6 +157,19 @@ class SqlStore:
         return [UsageRow(*values) for values in self._fetch(
             f"SELECT {_COLUMNS} FROM proxykit_requests WHERE {where} ORDER BY time DESC LIMIT ?", (*params, limit),
         )]
+
+    def overrides(self) -> list[tuple[str, str, str]]:
+        """(kind, name, JSON) of every override, in a stable order."""
+        return [(str(kind), str(name), str(body)) for kind, name, body in self._fetch(
+            "SELECT kind, name, body FROM proxykit_overrides ORDER BY kind, name", ())]
+
+    def replace_overrides(self, rows: Sequence[tuple[str, str, str]], updated: float) -> None:
+        """Every override at once, in one transaction: a replica never reads half a change."""
+        with self._transaction() as cursor:
+            cursor.execute("DELETE FROM proxykit_overrides")
+            cursor.executemany(self._sql(
+                "INSERT INTO proxykit_overrides (kind, name, body, updated) VALUES (?, ?, ?, ?)"
+            ), [(*row, updated) for row in rows])
 
     def check(self) -> None:
         """Raises StoreUnavailable unless the database answers."""
