@@ -130,3 +130,23 @@ async def test_an_outage_of_postgresql_fails_no_request_and_loses_no_row(tmp_pat
     assert usage.json()["total_requests"] == 30
     assert 'proxykit_store_records_total{result="written"} 30.0' in metrics
     assert "usage store unavailable" in output and PASSWORD not in output
+
+
+async def test_a_management_write_on_one_replica_reaches_the_other(postgres: PostgresServer, tmp_path: Path) -> None:
+    store_url = postgres.create_database("replicas_overrides")
+    async with replicas(tmp_path, store_url) as (one, two):
+        async with admin(one.url) as first, admin(two.url) as second:
+            put = await first.put("/api/llm/config/models/demo-chat", json={"enabled": False})
+            key = await first.put("/api/llm/config/keys/demo-reasoner%230", json={"enabled": False})
+            assert put.json()["persisted"] is True and key.json()["persisted"] is True
+            with anyio.fail_after(4):  # every replica reads the store's overrides each second
+                while (await second.post("/v1/chat/completions", json=HELLO)).status_code != 503:
+                    await anyio.sleep(0.1)
+            ready = (await second.get("/health/ready")).json()["models"]["demo-reasoner"]["deployments"]
+            setting = (await second.get("/api/llm/config/models/demo-chat")).json()
+            await second.delete("/api/llm/config/overrides")
+            with anyio.fail_after(4):
+                while (await first.post("/v1/chat/completions", json=HELLO)).status_code != 200:
+                    await anyio.sleep(0.1)
+    assert setting["enabled"] is False
+    assert ready["demo-reasoner"]["reasons"] == {"disabled": 1}
