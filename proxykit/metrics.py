@@ -221,6 +221,13 @@ class KeyAvailabilityCollector(Collector):
             usable = state.status(now) is KeyStatus.AVAILABLE
             gauge.add_metric([state.deployment.name, state.alias], 1.0 if usable else 0.0)
         yield gauge
+        healthy = GaugeMetricFamily("proxykit_deployment_healthy",
+                                    "1 while a deployment passes its active health checks, else 0.",
+                                    labels=["model", "deployment"])
+        for name, keys in self.pool.models.items():
+            for deployment in keys.model.deployments:
+                healthy.add_metric([name, deployment.name], 0.0 if deployment.name in self.pool.unhealthy else 1.0)
+        yield healthy
 
 
 class StoreCollector(Collector):

@@ -22,6 +22,7 @@ from proxykit.cache.memory import MemoryCache
 from proxykit.cache.redis import RedisCache
 from proxykit.config import Config, ConfigError
 from proxykit.config.model import Budget
+from proxykit.keys.health import HealthChecks
 from proxykit.keys.pool import KeyPool
 from proxykit.keys.state import KeyState
 from proxykit.keys.upkeep import PoolUpkeep
@@ -88,7 +89,8 @@ class Resources:
         self._client: httpx.AsyncClient | None = None
         self._open_lock: anyio.Lock | None = None
         self.upkeep: PoolUpkeep | None = None
-        self._upkeep_task: asyncio.Task[None] | None = None
+        self.health: HealthChecks | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -111,8 +113,10 @@ class Resources:
             self.metrics.loop_lag.start(asyncio.get_running_loop())
         if self.ledger is not None:
             await self.ledger.start()
-        # A plain task, not a task group: the lazy open on a first request has no group to join.
-        self._upkeep_task = asyncio.get_running_loop().create_task(self.upkeep.run())
+        self.health = HealthChecks(self.keys, self._client)
+        # Plain tasks, not a task group: the lazy open on a first request has no group to join.
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.upkeep.run()), loop.create_task(self.health.run())]
         self.state = ResourceState.OPENED
 
     async def ensure_open(self) -> None:
@@ -184,11 +188,11 @@ class Resources:
         self._caches.append(self.cache)
 
     async def aclose(self) -> None:
-        if self._upkeep_task is not None:
-            self._upkeep_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._upkeep_task
-            self._upkeep_task = None
+                await task
+        self._tasks = []
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -85,9 +85,16 @@ class ManagementApi:
         if model is None or not is_model_allowed(model.name, ctx.allowed_models):
             raise RouteNotFound(f"the model {request.path_params['model_id']!r} does not exist")
         keys = self._key_counts(model)
+        health = self._health(model)
+        checks = self.resources.health
+        checked = [found for d in model.deployments
+                   if checks is not None and (found := checks.of(d.name).last_check) is not None]
         answer: dict[str, Any] = {
-            "model_id": model.name, "status": _status(keys), "health": _health(keys),
-            "response_time_ms": None, "last_check": None, "error_rate": None, "keys": keys,
+            "model_id": model.name, "status": _STATUS[health], "health": health,
+            "response_time_ms": None, "last_check": iso_time(max(checked)) if checked else None,
+            "error_rate": None, "keys": keys,
+            "deployments": {d.name: "unhealthy" if d.name in self.resources.keys.unhealthy else "healthy"
+                            for d in model.deployments},
         }
         ledger = self.resources.ledger
         if ledger is not None:
@@ -96,12 +103,12 @@ class ManagementApi:
             if count:
                 answer["response_time_ms"] = round(average, 1)
                 answer["error_rate"] = round(errors / count, 4)
-                answer["last_check"] = iso_time(last)
+                answer["last_check"] = answer["last_check"] or iso_time(last)  # no active check yet
         return JSONResponse(answer)
 
     async def health(self, request: Request) -> Response:
         self.check(request.scope)
-        healths = [_health(self._key_counts(model)) for model in self.resources.config.models]
+        healths = [self._health(model) for model in self.resources.config.models]
         counts = {state: healths.count(state) for state in ("healthy", "degraded", "unhealthy")}
         upstreams = "unhealthy" if not counts["healthy"] and not counts["degraded"] else \
             "degraded" if counts["degraded"] or counts["unhealthy"] else "healthy"
@@ -200,12 +207,21 @@ class ManagementApi:
         pricing = model.pricing
         return {
             "id": model.name, "name": model.name, "provider": _provider(model), "type": "text",
-            "status": _status(self._key_counts(model)), "priority": model.priority,
+            "status": _STATUS[self._health(model)], "priority": model.priority,
             "capabilities": ["text-generation", "conversation"],
             "limits": {"max_tokens": largest, "context_window": largest},
             "pricing": None if pricing is None else
             {"input_per_1m": pricing.input_per_1m, "output_per_1m": pricing.output_per_1m},
         }
+
+    def _health(self, model: ModelConfig) -> str:
+        """`unhealthy`: it cannot serve (no usable key, or every deployment failed its checks);
+        `degraded`: it serves, not at full strength; `healthy`: every key and deployment is."""
+        keys = self._key_counts(model)
+        sick = sum(1 for d in model.deployments if d.name in self.resources.keys.unhealthy)
+        if not model.enabled or not keys["available"] or sick == len(model.deployments):
+            return "unhealthy"
+        return "healthy" if keys["available"] == sum(keys.values()) and not sick else "degraded"
 
     def _limits_health(self) -> str:
         redis = self.resources.redis
@@ -214,14 +230,7 @@ class ManagementApi:
         return "healthy" if redis.usable else "degraded"
 
 
-def _status(keys: dict[str, int]) -> str:
-    return {"healthy": "available", "degraded": "degraded", "unhealthy": "unavailable"}[_health(keys)]
-
-
-def _health(keys: dict[str, int]) -> str:
-    if not keys["available"]:
-        return "unhealthy"
-    return "healthy" if keys["available"] == sum(keys.values()) else "degraded"
+_STATUS = {"healthy": "available", "degraded": "degraded", "unhealthy": "unavailable"}
 
 
 def _provider(model: ModelConfig) -> str:

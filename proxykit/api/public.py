@@ -44,6 +44,7 @@ class Endpoints:
             for state in model_keys.keys:
                 entry = deployments.setdefault(state.deployment.name, {
                     "available": 0, "resting": 0, "set_aside": 0, "reasons": {}, "next_return_s": None,
+                    "healthy": state.deployment.name not in pool.unhealthy,
                 })
                 status = state.status(now)
                 entry[status.value] += 1

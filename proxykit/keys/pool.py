@@ -182,6 +182,7 @@ class KeyPool:
         self.models: dict[str, ModelKeys] = {}
         self._owner: dict[int, ModelKeys] = {}
         self.on_rest: Callable[[KeyState], None] | None = None  # told when a key rests or is set aside
+        self.unhealthy: set[str] = set()  # deployments active health checks failed (keys/health.py)
         self.update(config)
 
     def update(self, config: Config) -> tuple[int, int]:
@@ -211,8 +212,14 @@ class KeyPool:
     def choose(
         self, model: str, exclude: Iterable[KeyState] = (), skip_deployments: Set[str] = frozenset()
     ) -> KeyState | None:
-        """A key of `model`'s own deployments, or None when none is available."""
-        return self.models[model].choose(exclude, skip_deployments)
+        """A key of `model`'s own deployments, or None when none is available. A deployment that
+        failed its health checks is skipped while the model has a healthy one."""
+        keys = self.models[model]
+        if self.unhealthy:
+            sick = {d.name for d in keys.model.deployments if d.name in self.unhealthy}
+            if sick and len(sick) < len(keys.model.deployments):
+                skip_deployments = {*skip_deployments, *sick}
+        return keys.choose(exclude, skip_deployments)
 
     def why_none(self, model: str) -> NoKey:
         return self.models[model].why_none()
