@@ -168,7 +168,7 @@ def _forwarding_layers(resources: Resources) -> ASGIApp:
                                   per="model")
     if limits := ClientLimits.by_client(config.auth.keys):
         app = RateLimitMiddleware(app, limits=limits, limiter=resources.limiter, max_body_bytes=body_limit)
-    if resources.spend is not None:  # outermost: a client out of budget spends no rpm either
+    if resources.spend is not None and resources.spend.budgets:  # outermost: a client out of budget spends no rpm
         app = BudgetMiddleware(app, spend=resources.spend)
     return app
 

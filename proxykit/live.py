@@ -54,7 +54,7 @@ class Live:
         self.layers: ASGIApp | None = None  # what every request enters
         self.forwarding: ASGIApp | None = None  # the forwarding layers, for the management API's /generate
         self._reload_requested = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.file_config = resources.config  # what the file says; the running config adds the overrides
         self.overrides = Overrides()
         self._stored_overrides: list[tuple[str, str, str]] = []
@@ -135,21 +135,31 @@ class Live:
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
         async with self.resources.lifespan(app):
             await self.sync_overrides()  # the first request already sees the stored overrides
-            self._task = asyncio.get_running_loop().create_task(self._watch(self.source))
+            loop = asyncio.get_running_loop()
+            # Two tasks: a store that is slow to answer never delays a look at the file.
+            self._tasks = [loop.create_task(self._watch_overrides())]
+            if self.source is not None:
+                self._tasks.append(loop.create_task(self._watch(self.source)))
             try:
                 yield
             finally:
-                if self._task is not None:
-                    self._task.cancel()
+                for task in self._tasks:
+                    task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
-                        await self._task
+                        await task
 
-    async def _watch(self, source: ConfigFile | None) -> None:
+    async def _watch(self, source: ConfigFile) -> None:
         while True:
             await asyncio.sleep(WATCH_EVERY)
             forced, self._reload_requested = self._reload_requested, False
-            if source is not None and (source.changed() or forced):
+            if source.changed() or forced:
                 self._reload_from(source)
+
+    async def _watch_overrides(self) -> None:
+        if self.resources.ledger is None:
+            return
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
             await self.sync_overrides()
 
     def _reload_from(self, source: ConfigFile) -> None:
