@@ -45,10 +45,13 @@ class Overrides:
         balancing: dict[str, Any] = {}
         keys: dict[str, bool] = {}
         for kind, name, text in rows:
-            value = json.loads(text)
-            if kind == "model":
+            try:
+                value = json.loads(text)
+            except ValueError:
+                continue  # a row written by hand or cut short: the others still apply
+            if kind == "model" and isinstance(value, dict):
                 models[name] = value
-            elif kind == "balancing":
+            elif kind == "balancing" and isinstance(value, dict):
                 balancing = value
             elif kind == "key":
                 keys[name] = bool(value)
