@@ -115,6 +115,20 @@ async def test_demo_serves_streams_and_prints_a_curl_line(tmp_path: Path) -> Non
     assert "ready: taking requests at http://127.0.0.1:" in proxy.output
 
 
+@pytest.mark.anyio
+async def test_the_demo_shows_usage_after_a_few_requests_and_leaves_no_file(tmp_path: Path) -> None:
+    async with proxykit_process(tmp_path, "--demo") as proxy, httpx.AsyncClient(base_url=proxy.url) as client:
+        for model in ("demo-chat", "demo-chat", "demo-reasoner"):
+            await client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user",
+                                                                                        "content": "Hi"}]})
+        usage = (await client.get("/api/llm/stats/usage")).json()
+        rows = (await client.get("/api/llm/requests", params={"limit": 2})).json()["requests"]
+    assert usage["total_requests"] == 3 and usage["by_model"]["demo-chat"]["requests"] == 2
+    assert usage["total_cost"] > 0 and len(rows) == 2
+    assert "/api/llm/stats/usage" in proxy.output  # the banner says where to look
+    assert not list(tmp_path.glob("*.db"))  # the demo's store is in memory
+
+
 def test_sample_config_in_examples_is_valid() -> None:
     import os
 

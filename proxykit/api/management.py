@@ -99,7 +99,11 @@ class ManagementApi:
         ledger = self.resources.ledger
         if ledger is not None:
             since = time.time() - STATUS_WINDOW
-            count, average, errors, last = await self._read(lambda store: store.model_window(model.name, since))
+            try:
+                window = await ledger.read(lambda store: store.model_window(model.name, since))
+            except StoreUnavailable:  # the keys and health above still answer
+                window = (0, 0.0, 0, 0.0)
+            count, average, errors, last = window
             if count:
                 answer["response_time_ms"] = round(average, 1)
                 answer["error_rate"] = round(errors / count, 4)

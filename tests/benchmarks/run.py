@@ -296,7 +296,7 @@ def report(results: dict[str, Any]) -> None:
         print("| route | ms |")
         print("|---|---|")
         for name in ("usage_30_days_ms", "usage_one_client_ms", "performance_60_min_ms", "requests_newest_50_ms",
-                     "request_by_id_ms"):
+                     "request_by_id_ms", "oldest_request_by_id_ms"):
             print(f"| {name.removesuffix('_ms').replace('_', ' ')} | {store[name]:.1f} "
                   f"[{store[name.removesuffix('_ms') + '_max_ms']:.1f}] |")
     if cells := results.get("soak"):

@@ -28,6 +28,7 @@ ROUTES = {
     "performance_60_min_ms": "/api/llm/stats/performance?minutes=60",
     "requests_newest_50_ms": "/api/llm/requests?limit=50",
     "request_by_id_ms": "/api/llm/requests/req-999999",
+    "oldest_request_by_id_ms": "/api/llm/requests/req-10000",  # 29.7 days old: a scan of nearly all
 }
 
 
