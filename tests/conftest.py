@@ -72,11 +72,14 @@ def streamed(status: int, *chunks: bytes, **kwargs: Any) -> httpx.Response:
 
 
 @asynccontextmanager
-async def serve(app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto") -> AsyncIterator[str]:
-    """Run `app` under a real uvicorn server on a free 127.0.0.1 port; yields its base URL."""
+async def serve(
+    app: ASGIApp, *, lifespan: Literal["auto", "on", "off"] = "auto", port: int = 0,
+) -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn server on 127.0.0.1 (a free port, or `port`, so that a
+    server can stop and come back on the same one); yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     # A bounded graceful shutdown: an app stuck in a test must fail that test, not hang the run.
     config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False, timeout_graceful_shutdown=5)

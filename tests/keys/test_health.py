@@ -4,13 +4,9 @@ unhealthy, routing skips it while its model has a healthy one, and it comes back
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from proxykit import create_app
@@ -41,27 +37,6 @@ class Counting:
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-@asynccontextmanager
-async def serve_on(app: Counting, port: int) -> AsyncIterator[None]:
-    """A real server on a given port, so that it can stop and come back on the same one."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(server.serve, [sock])
-            with anyio.fail_after(10):
-                while not server.started:
-                    await anyio.sleep(0.01)
-            try:
-                yield
-            finally:
-                server.should_exit = True
-    finally:
-        sock.close()
-
-
 async def test_a_deployment_that_stops_answering_is_skipped_until_it_recovers() -> None:
     steady, flaky = Counting(), Counting()
     port = free_port()
@@ -78,7 +53,7 @@ async def test_a_deployment_that_stops_answering_is_skipped_until_it_recovers() 
         app = create_app(config)
         pool = app.state.resources.keys
         async with in_process(app) as client:
-            async with serve_on(flaky, port):
+            async with serve(flaky, lifespan="off", port=port):
                 with anyio.fail_after(5):
                     while flaky.checks < 2:  # GET /models, no completion
                         await anyio.sleep(0.05)
@@ -90,7 +65,7 @@ async def test_a_deployment_that_stops_answering_is_skipped_until_it_recovers() 
             metrics = (await client.get("/metrics")).text
             status = (await client.get("/api/llm/models/chat/status")).json()
             ready = (await client.get("/health/ready")).json()["models"]["chat"]["deployments"]
-            async with serve_on(flaky, port):
+            async with serve(flaky, lifespan="off", port=port):
                 with anyio.fail_after(5):
                     while "flaky" in pool.unhealthy:
                         await anyio.sleep(0.05)
