@@ -57,7 +57,8 @@ def test_dashboard_is_importable_as_is() -> None:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}"
     titles = {panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"}
-    assert titles == {"Traffic", "Latency", "Upstream keys", "Limits", "Tokens and cost", STORE_ROW}
+    assert titles == {"Traffic", "Latency", "Upstream keys", "Limits", "Tokens and cost", STORE_ROW,
+                      "Health and configuration"}
 
 
 @asynccontextmanager
