@@ -85,7 +85,7 @@ class ManagementApi:
         if model is None or not is_model_allowed(model.name, ctx.allowed_models):
             raise RouteNotFound(f"the model {request.path_params['model_id']!r} does not exist")
         keys = self._key_counts(model)
-        health = self._health(model)
+        health = self._health(model, keys)
         checks = self.resources.health
         checked = [found for d in model.deployments
                    if checks is not None and (found := checks.of(d.name).last_check) is not None]
@@ -218,10 +218,10 @@ class ManagementApi:
             {"input_per_1m": pricing.input_per_1m, "output_per_1m": pricing.output_per_1m},
         }
 
-    def _health(self, model: ModelConfig) -> str:
+    def _health(self, model: ModelConfig, keys: dict[str, int] | None = None) -> str:
         """`unhealthy`: it cannot serve (no usable key, or every deployment failed its checks);
         `degraded`: it serves, not at full strength; `healthy`: every key and deployment is."""
-        keys = self._key_counts(model)
+        keys = keys or self._key_counts(model)
         sick = sum(1 for d in model.deployments if d.name in self.resources.keys.unhealthy)
         if not model.enabled or not keys["available"] or sick == len(model.deployments):
             return "unhealthy"

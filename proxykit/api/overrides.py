@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Scope
 
-from proxykit.config import ConfigError
+from proxykit.config import ConfigError, ModelConfig
 from proxykit.config.overrides import (
     Overrides,
     balancing_settings,
@@ -97,7 +97,7 @@ class OverrideRoutes:
         if not self.check(request.scope).admin:
             raise AdminOnly("only an admin key may change the configuration")
 
-    def _model(self, request: Request) -> Any:
+    def _model(self, request: Request) -> ModelConfig:
         name = request.path_params["model_id"]
         model = self.live.config.model(name)
         if model is None:
