@@ -44,23 +44,13 @@ class MetricsMiddleware:
             counted_as = model
 
         ctx.on_model = moved_to
-        status = 500  # what an exception that escapes below would become
-        first_byte_at: float | None = None
-
-        async def send_observed(message: Message) -> None:
-            nonlocal status, first_byte_at
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif first_byte_at is None and message.get("body"):
-                first_byte_at = time.perf_counter()
-                step_aside(send_observed, send)  # the rest of the body is no news
-            await send(message)
-
+        observed = _ObservedSend(send)
         try:
-            await self.app(scope, receive, send_observed)
+            await self.app(scope, receive, observed)
         finally:
+            status = 499 if ctx.disconnected else observed.status
             try:
-                self._record(ctx, counted_as, 499 if ctx.disconnected else status, first_byte_at)
+                self._record(ctx, counted_as, status, observed.first_byte_at)
             except Exception:  # a bug: the request still leaves the in-flight gauge
                 logger.exception("request %s could not be counted", ctx.request_id)
                 metrics.add(metrics.in_flight, (counted_as,), -1.0)
@@ -106,3 +96,24 @@ class MetricsMiddleware:
                 counts.append((metrics.tokens, (model, client, kind), float(count)))
         if self.pricing.get(ctx.served_by or model) is not None:
             counts.append((metrics.cost, (model, client), cost))
+
+
+class _ObservedSend:
+    """The metrics layer's `send`: notes the status and when the first body byte left. An object
+    rather than a closure, because a closure that steps itself aside refers to itself, and that
+    cycle would leave every request's objects to the garbage collector."""
+
+    __slots__ = ("first_byte_at", "proxykit_passes_to", "send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500  # what an exception that escapes below would become
+        self.first_byte_at: float | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif self.first_byte_at is None and message.get("body"):
+            self.first_byte_at = time.perf_counter()
+            step_aside(self, self.send)  # the rest of the body is no news
+        await self.send(message)
