@@ -11,6 +11,7 @@ loop. One connection, made on first use and again after the database went away.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,7 @@ _UPSERT_TOTALS: Final = (
     "completion_tokens = proxykit_hourly.completion_tokens + excluded.completion_tokens, "
     "cost_usd = proxykit_hourly.cost_usd + excluded.cost_usd"
 )
+_ROWS_PER_INSERT: Final = 200  # SQLite: a statement of 4,000 values, under its default limit of 32,766
 # Any PostgreSQL advisory lock number: replicas starting together migrate one after the other.
 _MIGRATION_LOCK: Final = 0x70726F78
 
@@ -94,13 +96,30 @@ class SqlStore:
                 entry[1] += row.prompt_tokens
                 entry[2] += row.completion_tokens
                 entry[3] += row.cost_usd
-        placeholders = ", ".join("?" * len(UsageRow._fields))
         with self._transaction() as cursor:
-            cursor.executemany(self._sql(f"INSERT INTO proxykit_requests ({_COLUMNS}) VALUES ({placeholders})"), rows)
+            self._insert_rows(cursor, rows)
             cursor.executemany(self._sql(_UPSERT_TOTALS), [
                 (*key, int(requests), int(prompt), int(completion), cost)
                 for key, (requests, prompt, completion, cost) in sorted(totals.items())  # one lock order
             ])
+
+    def _insert_rows(self, cursor: Any, rows: Sequence[UsageRow]) -> None:
+        """The rows in as few statements as the database takes: the writer thread shares the
+        proxy's core, and a statement per row costs it a handover of the interpreter lock each
+        (SQLite) or a Python round of the driver each (psycopg)."""
+        if self.postgres:
+            with cursor.copy(f"COPY proxykit_requests ({_COLUMNS}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        width = len(UsageRow._fields)
+        per_statement = max(1, min(_ROWS_PER_INSERT, self._connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+                                   // width))
+        one = "(" + ", ".join("?" * width) + ")"
+        for start in range(0, len(rows), per_statement):
+            part = rows[start:start + per_statement]
+            cursor.execute(f"INSERT INTO proxykit_requests ({_COLUMNS}) VALUES " + ", ".join([one] * len(part)),
+                           list(itertools.chain.from_iterable(part)))
 
     def prune(self, before: float) -> int:
         """Per-request rows older than `before` go; hourly totals stay."""

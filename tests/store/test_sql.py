@@ -27,6 +27,20 @@ def test_rows_come_back_newest_first_with_every_field(store: SqlStore) -> None:
     assert first.as_json()["stream"] is True and "totals_model" not in first.as_json()
 
 
+def test_a_large_batch_comes_back_whole_and_exact(store: SqlStore) -> None:
+    # More rows than one statement takes (SQLite) and text that COPY's format must escape (PostgreSQL).
+    now = time.time()
+    awkward = ["tab\there", "new\nline", "back\\slash", "quote'\"", "\\N", "模型", ""]
+    batch = [
+        row(request_id=f"r{i}", time=now - 2000 + i, model=awkward[i % len(awkward)], stream=i % 2 == 0,
+            key=None if i % 3 else f"chat#{i}", ttfb_ms=None if i % 5 else i / 7, cost_usd=i / 3,
+            prompt_tokens=i * 10**9)
+        for i in range(1001)
+    ]
+    store.write(batch)
+    assert store.rows(limit=2000) == batch[::-1]
+
+
 def test_hourly_totals_add_up_per_model_client_and_status(store: SqlStore) -> None:
     hour = (time.time() // HOUR - 2) * HOUR
     store.write([row(time=hour + 1), row(time=hour + 2, cost_usd=0.25), row(time=hour + 3, client="team-b")])
