@@ -112,7 +112,7 @@ class CachePolicy:
     @classmethod
     def of(cls, header: bytes | None) -> CachePolicy:
         if not header:
-            return cls()
+            return _NO_DIRECTIVES
         look, store, max_age = True, True, None
         for directive in header.decode("latin-1").lower().split(","):
             name, _, value = directive.strip().partition("=")
@@ -124,3 +124,6 @@ class CachePolicy:
                 with contextlib.suppress(ValueError):
                     max_age = max(0.0, float(value.strip().strip('"')))
         return cls(look, store, max_age)
+
+
+_NO_DIRECTIVES: Final = CachePolicy()  # most requests: made once, not per request

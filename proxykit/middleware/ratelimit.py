@@ -160,11 +160,10 @@ def _headers(admissions: dict[bytes, Admission]) -> list[tuple[bytes, bytes]]:
     headers: list[tuple[bytes, bytes]] = []
     for kind, admission in admissions.items():
         limit_name, remaining_name, reset_name = _HEADER_NAMES[kind]
-        reset = f"{admission.reset:.3f}".rstrip("0").rstrip(".")
         headers += (
             (limit_name, b"%d" % admission.limit),
             (remaining_name, b"%d" % admission.remaining),
-            (reset_name, reset.encode() + b"s"),
+            (reset_name, (b"%.3f" % admission.reset).rstrip(b"0").rstrip(b".") + b"s"),
         )
     return headers
 

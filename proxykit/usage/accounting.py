@@ -9,8 +9,7 @@ estimate) into numbers, for metrics, limits and (next) the store.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from proxykit.config import Pricing
 
@@ -19,8 +18,7 @@ from proxykit.config import Pricing
 MAX_TOKENS: Final = 10**12
 
 
-@dataclass(frozen=True, slots=True)
-class TokenCounts:
+class TokenCounts(NamedTuple):  # a tuple: made two or three times a request, cheaper than a frozen dataclass
     prompt: int = 0
     completion: int = 0  # reasoning tokens included, as upstreams report them
     reasoning: int = 0
