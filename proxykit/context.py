@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette.types import Scope
 
 from proxykit.outcomes import Outcome
-from proxykit.usage.accounting import TokenCounts
+from proxykit.usage.accounting import TokenCounts, counts
 
 if TYPE_CHECKING:
     from proxykit.keys.state import KeyState
@@ -72,6 +72,14 @@ class RequestContext:
     stripped_usage_event: bytes | None = None  # forwarder: the usage event it took out -> cache (stores it)
     finished: bool = False  # forwarder: the whole response went out -> disconnect watch
     disconnected: bool = False  # whoever sees the client leave -> every layer: stop, never retry
+    _counted: tuple[dict[str, Any] | None, TokenCounts] | None = None  # usage_counts(): of which usage
+
+    def usage_counts(self) -> TokenCounts:
+        """`counts(self.usage)`, worked out once for the limits, the cache and settle()."""
+        usage = self.usage
+        if self._counted is None or self._counted[0] is not usage:
+            self._counted = (usage, counts(usage))
+        return self._counted[1]
 
     def set_model(self, name: str) -> None:
         self.model = name

@@ -23,7 +23,7 @@ def settle(ctx: RequestContext, pricing: Mapping[str, Pricing]) -> tuple[TokenCo
     if ctx.cache == "hit":
         settled = (ctx.cache_hit_tokens or TokenCounts(), 0.0)
     elif ctx.usage is not None:
-        tokens = accounting.counts(ctx.usage)
+        tokens = ctx.usage_counts()
         settled = (tokens, accounting.cost_usd(tokens, pricing.get(ctx.served_by or ctx.model)))
     elif ctx.disconnected and ctx.sent_events:
         tokens = accounting.abandoned_stream(ctx.body or b"", ctx.sent_events)

@@ -89,14 +89,18 @@ class CacheBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
+# Made once: `json.dumps` with options builds an encoder per call. A parsed body holds no cycles to check for.
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str,
+                                     check_circular=False)
+
+
 def cache_key(*, client: str | None, path: str, payload: dict[str, Any]) -> str:
     """SHA-256 of the client (None when entries are shared), the path without `/v1`, the
     requested model and the body as canonical JSON; `stream` is in the body, `stream_options`
     is not (the stored stream holds its usage event, replayed only to a client that asks)."""
     body = payload if "stream_options" not in payload else {
         name: value for name, value in payload.items() if name != "stream_options"}
-    text = json.dumps([client, path, payload.get("model"), body], sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=str)
+    text = _CANONICAL.encode([client, path, payload.get("model"), body])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

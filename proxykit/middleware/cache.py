@@ -20,7 +20,7 @@ from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.headers import adding_headers, set_response_headers
 from proxykit.paths import route_path
-from proxykit.usage.accounting import TokenCounts, counts
+from proxykit.usage.accounting import TokenCounts
 from proxykit.usage.reader import without_usage_events
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class _Capture:
         chunks = self.chunks
         if streamed and ctx.stripped_usage_event is not None:
             chunks = _with_usage_event(chunks, ctx.stripped_usage_event + b"\n\n")
-        tokens = counts(ctx.usage)
+        tokens = ctx.usage_counts()
         return CacheEntry(status=self.status, content_type=self.content_type, chunks=tuple(chunks), stream=streamed,
                           prompt_tokens=tokens.prompt, completion_tokens=tokens.completion)
 

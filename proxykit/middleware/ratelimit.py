@@ -16,7 +16,7 @@ from proxykit.errors import RateLimitExceeded
 from proxykit.headers import adding_headers
 from proxykit.limits.base import Admission, RateLimiter
 from proxykit.outcomes import Outcome
-from proxykit.usage.accounting import MAX_TOKENS, abandoned_stream, counts, prompt_estimate
+from proxykit.usage.accounting import MAX_TOKENS, abandoned_stream, prompt_estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +132,7 @@ def _estimate(ctx: RequestContext, body: bytes) -> int:
 
 def _tokens_used(ctx: RequestContext, estimate: int) -> int:
     if ctx.usage:
-        return counts(ctx.usage).total
+        return ctx.usage_counts().total
     if ctx.disconnected and ctx.sent_events:
         return abandoned_stream(ctx.body or b"", ctx.sent_events).total  # what the abandoned stream used
     if ctx.outcome is not Outcome.OK:
