@@ -82,4 +82,4 @@ class LedgerMiddleware:
 def _cached_tokens(usage: Mapping[str, Any] | None) -> int:
     """The provider's own prompt-cache count: OpenAI's `prompt_tokens_details.cached_tokens`."""
     details = (usage or {}).get("prompt_tokens_details")
-    return token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    return token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0  # parsed JSON

@@ -56,6 +56,8 @@ class SpendBook:
             spend.pending += row.cost_usd
 
     def written(self, rows: Iterable[UsageRow]) -> None:
+        if not self._spend:  # no budgets: nothing to follow, and no loop over a second's rows
+            return
         for row in rows:
             spend = self._spend.get(row.client)
             if spend is not None:

@@ -90,7 +90,7 @@ class Ledger:
         """Writes every buffered row now (a read that must see them, shutdown)."""
         async with self._flush_lock:
             while self._unwritten or self._buffer:
-                batch = self._unwritten or [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
+                batch = self._unwritten or self._take_batch()
                 self._unwritten = []
                 try:
                     await self._in_thread(self.store.write, batch)
@@ -102,6 +102,14 @@ class Ledger:
                 self._count("written", len(batch))
                 if self.spend is not None:
                     self.spend.written(batch)
+
+    def _take_batch(self) -> list[UsageRow]:
+        buffer = self._buffer
+        if len(buffer) <= BATCH:  # the usual case: all of it, at C speed (this runs on the event loop)
+            batch = list(buffer)
+            buffer.clear()
+            return batch
+        return [buffer.popleft() for _ in range(BATCH)]
 
     async def refresh_spend(self) -> None:
         assert self.spend is not None

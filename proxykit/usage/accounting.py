@@ -45,7 +45,7 @@ def counts(usage: Mapping[str, Any] | None) -> TokenCounts:
     return TokenCounts(
         prompt=token_count(usage.get("prompt_tokens")),
         completion=token_count(usage.get("completion_tokens")),
-        reasoning=token_count(details.get("reasoning_tokens")) if isinstance(details, Mapping) else 0,
+        reasoning=token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
         reported_total=token_count(usage.get("total_tokens")),
     )
 
