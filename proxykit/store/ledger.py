@@ -86,12 +86,19 @@ class Ledger:
             self._failed(exc)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def flush(self) -> None:
-        """Writes every buffered row now (a read that must see them, shutdown)."""
+    async def flush(self, *, to_the_end: bool = False) -> None:
+        """Writes the rows buffered when it starts (each second's flush, a read that must see
+        them); `to_the_end`: and those that arrive meanwhile (shutdown). Under load a flush that
+        chased new rows would never end, and the writer thread would contend for the interpreter
+        lock with the event loop all the time instead of once a second."""
         async with self._flush_lock:
-            while self._unwritten or self._buffer:
-                batch = self._unwritten or self._take_batch()
-                self._unwritten = []
+            due = len(self._buffer)
+            while self._unwritten or (self._buffer and (due > 0 or to_the_end)):
+                if self._unwritten:
+                    batch, self._unwritten = self._unwritten, []
+                else:
+                    batch = self._take_batch(len(self._buffer) if to_the_end else due)
+                    due -= len(batch)
                 try:
                     await self._in_thread(self.store.write, batch)
                 except StoreUnavailable as exc:
@@ -103,13 +110,15 @@ class Ledger:
                 if self.spend is not None:
                     self.spend.written(batch)
 
-    def _take_batch(self) -> list[UsageRow]:
+    def _take_batch(self, limit: int) -> list[UsageRow]:
+        """Up to `limit` (and BATCH) of the oldest rows."""
         buffer = self._buffer
-        if len(buffer) <= BATCH:  # the usual case: all of it, at C speed (this runs on the event loop)
+        count = min(limit, BATCH, len(buffer))
+        if count == len(buffer):  # the usual case: all of it, at C speed (this runs on the event loop)
             batch = list(buffer)
             buffer.clear()
             return batch
-        return [buffer.popleft() for _ in range(BATCH)]
+        return [buffer.popleft() for _ in range(count)]
 
     async def refresh_spend(self) -> None:
         assert self.spend is not None
@@ -161,7 +170,7 @@ class Ledger:
                 await self._task
             self._task = None
         try:
-            await asyncio.wait_for(self.flush(), timeout)
+            await asyncio.wait_for(self.flush(to_the_end=True), timeout)
         except TimeoutError:
             logger.error("usage store: %d rows not written at shutdown (the store did not answer)", self.buffered)
         if self.buffered:

@@ -3,11 +3,14 @@ down, the last flush at shutdown; and the budgets' spend book and periods."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import pytest
 
 from proxykit.config.model import Budget
@@ -49,6 +52,41 @@ async def test_rows_wait_in_the_buffer_until_a_flush_writes_them(tmp_path: Path)
     rows = await ledger.read(lambda store: store.rows(limit=100))  # a read flushes first
     assert len(rows) == 7 and ledger.buffered == 0 and counts == {"written": 7}
     await ledger.aclose()
+
+
+class GatedStore(SqlStore):
+    """A real SQLite store whose first write waits until the test opens the gate."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writing = threading.Event()
+        self.gate = threading.Event()
+
+    def write(self, rows: Sequence[UsageRow]) -> None:
+        self.writing.set()
+        self.gate.wait(timeout=10)
+        super().write(rows)
+
+
+async def test_a_flush_writes_what_was_buffered_when_it_began_and_shutdown_writes_the_rest(tmp_path: Path) -> None:
+    # Under load, a flush that also took the rows arriving while it wrote would never end.
+    store = GatedStore(f"sqlite:///{tmp_path / 'u.db'}")
+    ledger = Ledger(store)
+    for i in range(3):
+        ledger.record(row(request_id=f"before-{i}"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ledger.flush)
+        with anyio.fail_after(5):
+            while not store.writing.is_set():
+                await anyio.sleep(0.01)
+        for i in range(2):
+            ledger.record(row(request_id=f"during-{i}"))
+        store.gate.set()
+    assert ledger.buffered == 2  # the flush ended without them
+    assert {r.request_id for r in await ledger.query(lambda s: s.rows(limit=10))} == {f"before-{i}" for i in range(3)}
+    await ledger.aclose()
+    written = await asyncio.get_running_loop().run_in_executor(None, lambda: SqlStore(store.url).rows(limit=10))
+    assert {r.request_id for r in written} == {*(f"before-{i}" for i in range(3)), "during-0", "during-1"}
 
 
 async def test_a_full_buffer_drops_and_counts_and_logs_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
