@@ -47,8 +47,10 @@ class CacheMiddleware:
         self.shared = shared_between_clients
         self.max_body_bytes = max_body_bytes
         self.max_entry_bytes = max_entry_bytes
-        # Identical non-streaming misses in flight: the first asks the upstream, the others wait.
-        self._leaders: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        # Identical non-streaming misses in flight: the first asks the upstream, the others wait on
+        # a future made once one does. Most misses are alone, and asking for the running loop
+        # to make one costs a system call on Python 3.11 (getpid).
+        self._leaders: dict[str, asyncio.Future[CacheEntry | None] | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in CACHEABLE_PATHS:
@@ -67,14 +69,20 @@ class CacheMiddleware:
         streamed = payload.get("stream") is True
         if policy.look:
             entry = await self.backend.get(key)
-            if entry is None and not streamed and (leader := self._leaders.get(key)) is not None:
-                entry = await _unless_disconnected(leader, receive, ctx)
+            if entry is None and not streamed and key in self._leaders:
+                entry = await _unless_disconnected(self._leaders_answer(key), receive, ctx)
                 if ctx.disconnected:
                     return
             if entry is not None and entry.fresh(self.ttl, policy.max_age):
                 await _replay(entry, ctx, _asks_for_usage(payload), send)
                 return
         await self._miss(key, streamed, ctx, scope, receive, send)
+
+    def _leaders_answer(self, key: str) -> asyncio.Future[CacheEntry | None]:
+        leader = self._leaders[key]
+        if leader is None:
+            leader = self._leaders[key] = asyncio.get_running_loop().create_future()
+        return leader
 
     async def _payload(self, scope: Scope, receive: Receive, ctx: RequestContext) -> dict[str, Any]:
         """The body, once its model is known and allowed: a cached answer is no way around an
@@ -93,7 +101,7 @@ class CacheMiddleware:
         ctx.cache = "miss"
         leads = not streamed and key not in self._leaders
         if leads:
-            self._leaders[key] = asyncio.get_running_loop().create_future()
+            self._leaders[key] = None
         capture = _Capture(self.max_entry_bytes)
 
         async def send_and_capture(message: Message) -> None:
@@ -112,7 +120,7 @@ class CacheMiddleware:
         finally:
             if leads:
                 leader = self._leaders.pop(key)
-                if not leader.done():
+                if leader is not None and not leader.done():
                     leader.set_result(entry)
 
 
