@@ -1,7 +1,8 @@
 """Overrides: changes made through the management API (CONTRACT section 9), kept apart from the
 file and laid on top of it, so they survive reloads and restarts and the file stays the operator's.
 
-    overrides = overrides.with_model("gpt-x", patch_of_model(body, config, "gpt-x"))
+    patch = patch_of_model(body, file_config, "gpt-x")      # raises ConfigError naming each field
+    overrides = Overrides(models={"gpt-x": patch})
     config, warnings = apply_overrides(file_config, overrides)
 """
 
@@ -100,7 +101,7 @@ def patch_of_balancing(body: Any, config: Config) -> dict[str, Any]:
             problems.append(f"{key}: must be a whole number, 1 or more")
     if "weights" in entry:
         weights = entry["weights"]
-        names = {model.name for model in config.models} | {deployment.name for deployment in config.deployments}
+        names = _weighable(config)
         if not isinstance(weights, dict) or not all(_number(value, 0) for value in weights.values()):
             problems.append("weights: must map deployment or model names to numbers")
         else:
@@ -175,8 +176,8 @@ def _balancing(config: Config, patch: Mapping[str, Any]) -> tuple[Config, list[s
     if health:
         config = replace(config, health=replace(config.health, **health))
     weights: Mapping[str, float] = patch.get("weights") or {}
-    missing = [name for name in weights
-               if config.model(name) is None and all(d.name != name for d in config.deployments)]
+    weighable = _weighable(config)
+    missing = [name for name in weights if name not in weighable]
     if weights:
         models = []
         for model in config.models:
@@ -188,6 +189,11 @@ def _balancing(config: Config, patch: Mapping[str, Any]) -> tuple[Config, list[s
             models.append(replace(model, deployments=deployments))
         config = replace(config, models=tuple(models))
     return config, missing
+
+
+def _weighable(config: Config) -> set[str]:
+    """What a load-balancing weight may name: a deployment, or a model (all its deployments)."""
+    return {model.name for model in config.models} | {deployment.name for deployment in config.deployments}
 
 
 def _object(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:

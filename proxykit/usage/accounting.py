@@ -18,7 +18,7 @@ from proxykit.config import Pricing
 MAX_TOKENS: Final = 10**12
 
 
-class TokenCounts(NamedTuple):  # a tuple: made two or three times a request, cheaper than a frozen dataclass
+class TokenCounts(NamedTuple):  # a tuple: made on every request, cheaper than a frozen dataclass
     prompt: int = 0
     completion: int = 0  # reasoning tokens included, as upstreams report them
     reasoning: int = 0
