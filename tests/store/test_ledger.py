@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from proxykit.config.model import Budget
 from proxykit.store.base import UsageRow, period_bounds
 from proxykit.store.budgets import SpendBook
-from proxykit.store.ledger import Ledger
+from proxykit.store.ledger import WRITER_NICENESS, Ledger
 from proxykit.store.sql import SqlStore, StoreUnavailable
 from tests.store.conftest import row
 
@@ -52,6 +54,33 @@ async def test_rows_wait_in_the_buffer_until_a_flush_writes_them(tmp_path: Path)
     rows = await ledger.read(lambda store: store.rows(limit=100))  # a read flushes first
     assert len(rows) == 7 and ledger.buffered == 0 and counts == {"written": 7}
     await ledger.aclose()
+
+
+class NicenessStore(SqlStore):
+    """A real SQLite store that notes the niceness of the thread each write runs in."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.niceness: list[int] = []
+
+    def write(self, rows: Sequence[UsageRow]) -> None:
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        super().write(rows)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+async def test_the_store_thread_runs_at_a_lower_priority_than_the_event_loop(tmp_path: Path) -> None:
+    # A batch write on the loop's core takes the core's idle time, not its requests'.
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    store = NicenessStore(f"sqlite:///{tmp_path / 'u.db'}")
+    ledger = Ledger(store)
+    ledger.record(row(request_id="r1"))
+    await ledger.flush()
+    ledger.record(row(request_id="r2"))
+    await ledger.aclose()
+    assert store.niceness == [min(19, loop_niceness + WRITER_NICENESS)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_niceness  # the loop's is its own
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness
 
 
 class GatedStore(SqlStore):
