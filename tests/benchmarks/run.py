@@ -102,7 +102,7 @@ def plain(
     unique.write_text(UNIQUE_POST_SCRIPT)
     cells: list[dict[str, Any]] = []
     for latency in LATENCIES_MS:
-        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url, cache=True,
+        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url, splice=True, cache=True,
                     postgres_url=postgres_url) as fleet:
             runs: dict[tuple[int, str], list[dict[str, float]]] = {}
             for _ in range(args.repeat):
@@ -195,7 +195,10 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with what this run measured."""
+    """The targets of the performance issues (#23, and #18's cache hits), each with what this run
+    measured. With the upstream answering at once every proxy is CPU-bound at 64 concurrent, so
+    by Little's law a row's latency there grows as its req/s falls: the p99/p50 line tells a
+    longer tail (a stall) apart from a uniformly slower row."""
     checks: list[dict[str, Any]] = []
 
     def check(name: str, required: str, value: float, met: bool) -> None:
@@ -203,17 +206,31 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     plain_cells = results.get("plain", [])
     full, floor, litellm = (_cell(plain_cells, name, 0, 64) for name in (FULL, "floor", "litellm"))
-    if full and litellm:
-        ratio = full["rps"] / litellm["rps"]
-        check("full stack req/s at 64 vs LiteLLM", ">= 25x", ratio, ratio >= 25)
     if full and floor:
         ratio = full["rps"] / floor["rps"]
-        check("full stack req/s at 64 vs floor", ">= 0.50", ratio, ratio >= 0.5)
+        check("full stack req/s at 64 vs floor", ">= 0.70", ratio, ratio >= 0.7)
+        ratio = full["p99_ms"] / floor["p99_ms"]
+        check("full stack p99 at 64 vs floor's", "<= 1.5x", ratio, ratio <= 1.5)
+    if full and litellm:
+        ratio = full["rps"] / litellm["rps"]
+        check("full stack req/s at 64 vs LiteLLM", ">= 50x", ratio, ratio >= 50)
+    for concurrency in (64, 256):
+        slow_full, slow_floor = (_cell(plain_cells, name, 50, concurrency) for name in (FULL, "floor"))
+        if slow_full and slow_floor:
+            ratio = slow_full["rps"] / slow_floor["rps"]
+            check(f"50 ms upstream: full stack req/s at {concurrency} vs floor", ">= 0.95", ratio, ratio >= 0.95)
+    for latency, figure, limit in ((0, "p50_ms", 0.1), (50, "mean_ms", 0.5)):
+        one_full, one_floor = (_cell(plain_cells, name, latency, 1) for name in (FULL, "floor"))
+        if one_full and one_floor:
+            extra = one_full.get(figure, math.nan) - one_floor.get(figure, math.nan)
+            what = "p50" if figure == "p50_ms" else "mean latency"
+            check(f"{latency} ms upstream: full stack {what} at 1 minus floor's (ms)", f"<= +{limit}", extra,
+                  extra <= limit)
     hits = _cell(plain_cells, CACHE_HIT, 0, 64)
     if hits and floor:
         ratio = hits["rps"] / floor["rps"]
-        check("cache hits req/s at 64 vs floor", ">= 2x", ratio, ratio >= 2)
-    # Rows that add one thing to the full stack: their req/s and p99 against the full stack's.
+        check("cache hits req/s at 64 vs floor (#18)", ">= 2x", ratio, ratio >= 2)
+    # Rows that add one thing to the full stack: their req/s and tail against the full stack's.
     for name, label, needed in ((CACHE_MISS, "cache misses", 0.95), (STORE_SQLITE, "sqlite store", 0.90),
                                 (STORE_POSTGRES, "postgresql store", 0.90)):
         added = _cell(plain_cells, name, 0, 64)
@@ -222,18 +239,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             check(f"{label} req/s at 64 vs full stack", f">= {needed:.2f}", ratio, ratio >= needed)
             worse = added["p99_ms"] / full["p99_ms"]
             check(f"{label} p99 at 64 vs full stack", "<= 1.0x (noise aside)", worse, worse <= 1.1)
+            shape = (added["p99_ms"] / added["p50_ms"]) / (full["p99_ms"] / full["p50_ms"])
+            check(f"{label} p99/p50 at 64 vs full stack's", "<= 1.0x (noise aside)", shape, shape <= 1.1)
     query = results.get("store", {}).get("usage_30_days_ms")
     if query is not None:
         check("/stats/usage over 30 days, 1M rows in SQLite (ms)", "< 200", query, query < 200)
-    full1, floor1, direct1 = (_cell(plain_cells, name, 0, 1) for name in (FULL, "floor", "direct"))
-    if full1 and floor1 and direct1:
-        extra = full1["p50_ms"] - floor1["p50_ms"]
-        check("full stack added p50 at 1 vs floor's (ms)", "<= +0.15", extra, extra <= 0.15)
     stream_cells = results.get("streams", [])
     full_s, floor_s = (_cell(stream_cells, name, None, 64) for name in (FULL, "floor"))
     if full_s and floor_s:
         ratio = full_s["first_event_p99_ms"] / floor_s["first_event_p99_ms"]
-        check("streaming first event p99 at 64 vs floor", "<= 2x", ratio, ratio <= 2)
+        check("streaming first event p99 at 64 vs floor", "<= 1.5x", ratio, ratio <= 1.5)
         check("events per read at 64", "1.0", full_s["events_per_read"], full_s["events_per_read"] < 1.01)
     soak_full = next((c for c in results.get("soak", []) if c["target"] == FULL), None)
     if soak_full:
@@ -266,6 +281,10 @@ def report(results: dict[str, Any]) -> None:
                   f"| {_num(cell.get('p999_ms', math.nan), 2)} | {_added(cell, direct)} "
                   f"| {_num(cell['cpu_s_per_1k'], 3)} | {_ratio(cell, floor, 'cpu_s_per_1k', 2)} "
                   f"| {_num(cell.get('loop_stall_ms', math.nan), 1)} | {cell['errors']:.0f} |")
+        if (splice := _cell(cells, SPLICE, 0, 64)) and (full := _cell(cells, FULL, 0, 64)):
+            print(f"\nThe {SPLICE} copies bytes between sockets and parses no HTTP: at 64 concurrent, with "
+                  f"the upstream answering at once, its {splice['rps']:,.0f} req/s are the most any Python relay "
+                  f"passes on this core; proxykit full served {full['rps'] / splice['rps']:.2f} of it.")
     if cells := results.get("streams"):
         print("\n## Streaming (50 events 2 ms apart)\n")
         print("| conc. | target | first event p50 / p99 ms | p99 vs floor | total p50 ms | largest gap p99 ms "

@@ -3,9 +3,9 @@
     python -m tests.benchmarks.splice_proxy --port 4003 --upstream 127.0.0.1:8001
 
 Each client connection gets its own upstream connection, and whatever one side reads is written
-to the other at once. In the streaming table it shows what the machine allows a proxy written in
-Python: where even this relay reads several events at a time, its core cannot relay the load one
-event at a time, whatever a proxy's own code costs.
+to the other at once. It shows what the machine allows a proxy written in Python: in the
+non-streaming table the most requests a second any relay on this core can pass, in the streaming
+one whether its core can relay the load one event at a time, whatever a proxy's own code costs.
 """
 
 from __future__ import annotations

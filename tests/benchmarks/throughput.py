@@ -12,9 +12,11 @@ import httpx
 
 from tests.benchmarks.processes import CLIENT_KEY, LOAD_CORE, Target, cpu_seconds
 
-# wrk prints p50/p75/p90/p99 only; the tail past p99 is asked of its latency histogram.
+# wrk prints p50/p75/p90/p99 and a rounded mean only; the tail past p99 and the exact mean are
+# asked of its latency histogram.
 _TAIL = """done = function(summary, latency, requests)
   io.write(string.format("p999_us %d\\n", latency:percentile(99.9)))
+  io.write(string.format("mean_us %d\\n", latency.mean))
 end
 """
 
@@ -44,6 +46,12 @@ def _ms(output: str, label: str) -> float:
     return float(found.group(1)) * _SCALE_MS[found.group(2)] if found else float("nan")
 
 
+def _from_script(output: str, name: str) -> float:
+    """A figure the `done` script printed, in ms."""
+    found = re.search(rf"^{name} (\d+)$", output, re.MULTILINE)
+    return float(found.group(1)) / 1000 if found else float("nan")
+
+
 def run_wrk(target: Target, concurrency: int, seconds: int, script: Path) -> dict[str, float]:
     # Back to back, the connections of the run before were seen to delay some of the next run's
     # hundreds of new connections by 1-4 s, through the floor as through proxykit (whose own
@@ -65,8 +73,8 @@ def run_wrk(target: Target, concurrency: int, seconds: int, script: Path) -> dic
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         "p50_ms": _ms(output, "50%"),
         "p99_ms": _ms(output, "99%"),
-        "p999_ms": float(tail.group(1)) / 1000 if (tail := re.search(r"^p999_us (\d+)$", output, re.MULTILINE))
-        else float("nan"),
+        "p999_ms": _from_script(output, "p999_us"),
+        "mean_ms": _from_script(output, "mean_us"),
         "loop_stall_ms": _loop_stall_ms(target),
         "requests": requests,
         "errors": errors,
