@@ -80,7 +80,6 @@ async def test_the_store_thread_runs_at_a_lower_priority_than_the_event_loop(tmp
     await ledger.aclose()
     assert store.niceness == [min(19, loop_niceness + WRITER_NICENESS)] * 2
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_niceness  # the loop's is its own
-    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness
 
 
 class GatedStore(SqlStore):
