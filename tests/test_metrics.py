@@ -386,6 +386,36 @@ async def test_a_seconds_worth_of_observations_is_folded_a_slice_a_loop_turn() -
     metrics.close()
 
 
+async def test_a_scrape_folds_what_is_pending_a_slice_a_loop_turn_and_shows_all_of_it() -> None:
+    # Under load a second's observations at once held the loop for ~20 ms at every scrape.
+    metrics = ProxyMetrics(prometheus_client.CollectorRegistry(), KeyPool(config_from_dict(make_config())))
+    labels = ("chat", "anonymous", "200")
+    observations = [(metrics.duration, ("chat",), 0.01)] * (3 * proxykit.metrics.FOLD_SLICE + 7)
+    metrics.record([(metrics.requests, labels, 1.0)], observations)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    before = turns
+    text = (await metrics.scrape()).decode()
+    during = turns - before
+    metrics.record([(metrics.requests, labels, 1.0)], [(metrics.duration, ("chat",), 0.01)] * 5)
+    after = (await metrics.scrape()).decode()
+    counter.cancel()
+    assert during >= 3  # the loop turned between the slices
+    assert value(text, "proxykit_request_duration_seconds_count", model="chat") == len(observations)
+    assert value(text, "proxykit_requests_total", model="chat", status="200") == 1
+    assert value(after, "proxykit_request_duration_seconds_count", model="chat") == len(observations) + 5
+    assert value(after, "proxykit_requests_total", model="chat", status="200") == 2
+    metrics.close()
+
+
 async def test_the_event_loop_lag_is_exported_and_read_once() -> None:
     async with respx_proxy(make_config()) as (_, client):
         await asyncio.sleep(0.05)

@@ -66,7 +66,7 @@ class Endpoints:
     async def metrics(self, request: Request) -> Response:
         if not self.resources.config.metrics.enabled:
             raise RouteNotFound(f"no route for {request.url.path}: metrics are off")
-        return Response(self.resources.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await self.resources.metrics.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
         allowed = ensure_context(request.scope).allowed_models
