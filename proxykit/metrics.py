@@ -112,9 +112,10 @@ class ProxyMetrics:
         self._flush_later()
 
     def flush(self) -> None:
-        """Folds every pending change into the metrics, at once (a scrape, shutdown)."""
+        """Folds every pending change into the metrics, at once (a host's collection, shutdown)."""
         self._fold_counts()
-        self._observe(self._take_observations(), limit=None)
+        for child, value in self._take_observations():
+            child.observe(value)
 
     def _fold_counts(self) -> None:
         with self._lock:
@@ -131,16 +132,6 @@ class ProxyMetrics:
                  for (histogram, labels), values in observed.items() for value in values)
         left, self._folding = self._folding, None
         return itertools.chain(left, taken) if left is not None else taken
-
-    def _observe(self, pending: Iterator[tuple[Any, float]], *, limit: int | None) -> bool:
-        """Observes up to `limit` values; True when some are left."""
-        for child, value in itertools.islice(pending, limit):
-            child.observe(value)
-        if limit is None:
-            return False
-        more = next(pending, None)
-        self._folding = None if more is None else itertools.chain([more], pending)
-        return more is not None
 
     def _flush_later(self) -> None:
         if self._write_at_once:
@@ -159,12 +150,12 @@ class ProxyMetrics:
         self._fold_slice(self._take_observations())
 
     def _fold_slice(self, pending: Iterator[tuple[Any, float]]) -> None:
-        if self._observe(pending, limit=FOLD_SLICE) and self._folding is not None:
-            folding = self._folding
-            asyncio.get_running_loop().call_soon(self._continue_fold, folding)
+        if self._observe_some(pending):
+            self._folding = pending  # a flush or a scrape meanwhile takes the rest over
+            asyncio.get_running_loop().call_soon(self._continue_fold, pending)
 
     def _continue_fold(self, folding: Iterator[tuple[Any, float]]) -> None:
-        if self._folding is folding:  # not taken meanwhile by a flush at once
+        if self._folding is folding:  # not taken over meanwhile by a flush or a scrape
             self._folding = None
             self._fold_slice(folding)
 
@@ -199,7 +190,8 @@ class ProxyMetrics:
         finally:
             self._scraping = False
 
-    def _observe_some(self, pending: Iterator[tuple[Any, float]]) -> bool:
+    @staticmethod
+    def _observe_some(pending: Iterator[tuple[Any, float]]) -> bool:
         """Observes a slice of `pending`; True when it may hold more."""
         observed = 0
         for child, value in itertools.islice(pending, FOLD_SLICE):
