@@ -177,9 +177,9 @@ class ProxyMetrics:
 
     async def scrape(self) -> bytes:
         """The text format for `/metrics`: what is pending is folded in first a slice a loop turn,
-        since a second's observations under load are tens of thousands of `observe()` calls and
-        at once they held the loop for ~20 ms at every scrape. What arrives meanwhile waits for
-        the next fold, as it would have waited for the next scrape."""
+        since a second's observations under load are tens of thousands of `observe()` calls that
+        at once would hold every request behind them at every scrape. What arrives meanwhile
+        waits for the next fold, as it would have waited for the next scrape."""
         self._fold_counts()
         pending = self._take_observations()
         while self._observe_some(pending):
