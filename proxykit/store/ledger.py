@@ -1,9 +1,9 @@
 """The ledger: finished requests go into a bounded buffer at once, and a background task writes
 them to the store in batches, one transaction at least every second, in the store's own thread.
 A slow or dead store never delays a request: what does not fit the buffer is dropped and
-counted, and logged at most once a minute. On Linux the store's thread runs at a lower CPU
-priority than the event loop, so a batch write that shares the loop's core takes its idle time
-rather than its requests'.
+counted, and logged at most once a minute. A batch goes to the store a few dozen rows at a time,
+with a pause between them, and on Linux the store's thread runs at a lower CPU priority than the
+event loop: a write that shares the loop's core takes its idle time rather than its requests'.
 
     ledger = Ledger(SqlStore(url), spend=SpendBook(budgets))
     await ledger.start(); ledger.record(row); ...; await ledger.aclose()   # the last flush
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -43,6 +44,13 @@ READ_TIMEOUT: Final = 30.0
 # core the event loop keeps busy, several times what writing a core's worth of rows needs, so
 # it keeps up under full load while a batch no longer halves the loop's share for its duration.
 WRITER_NICENESS: Final = 10
+
+
+def _let_the_loop_run() -> None:
+    """Between two pieces of a batch the store's thread lets go of the interpreter lock and of the
+    core: the event loop's thread, waiting for either, runs now. Without it the loop waits on a
+    writing thread a scheduler tick at a time."""
+    time.sleep(0)
 
 
 def _lower_this_threads_priority() -> None:
@@ -120,7 +128,7 @@ class Ledger:
                     batch = self._take_batch(len(self._buffer) if to_the_end else due)
                     due -= len(batch)
                 try:
-                    await self._in_thread(self.store.write, batch)
+                    await self._in_thread(functools.partial(self.store.write, batch, pause=_let_the_loop_run))
                 except StoreUnavailable as exc:
                     self._unwritten = batch
                     self._failed(exc)

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -19,7 +19,7 @@ from proxykit.config.model import Budget
 from proxykit.store.base import UsageRow, period_bounds
 from proxykit.store.budgets import SpendBook
 from proxykit.store.ledger import WRITER_NICENESS, Ledger
-from proxykit.store.sql import SqlStore, StoreUnavailable
+from proxykit.store.sql import PIECE, SqlStore, StoreUnavailable
 from tests.store.conftest import row
 
 pytestmark = pytest.mark.anyio
@@ -30,10 +30,10 @@ class FlakyStore(SqlStore):
 
     down = False
 
-    def write(self, rows: Sequence[UsageRow]) -> None:
+    def write(self, rows: Sequence[UsageRow], *, pause: Callable[[], None] | None = None) -> None:
         if self.down:
             raise StoreUnavailable("the store at test failed: down")
-        super().write(rows)
+        super().write(rows, pause=pause)
 
 
 def counting() -> tuple[dict[str, int], object]:
@@ -63,9 +63,9 @@ class NicenessStore(SqlStore):
         super().__init__(url)
         self.niceness: list[int] = []
 
-    def write(self, rows: Sequence[UsageRow]) -> None:
+    def write(self, rows: Sequence[UsageRow], *, pause: Callable[[], None] | None = None) -> None:
         self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        super().write(rows)
+        super().write(rows, pause=pause)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
@@ -82,6 +82,32 @@ async def test_the_store_thread_runs_at_a_lower_priority_than_the_event_loop(tmp
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_niceness  # the loop's is its own
 
 
+class PauseCountingStore(SqlStore):
+    """A real SQLite store that counts the pauses the ledger's writes make between pieces."""
+
+    pauses = 0
+
+    def write(self, rows: Sequence[UsageRow], *, pause: Callable[[], None] | None = None) -> None:
+        assert pause is not None, "the ledger writes without pausing"
+
+        def counted() -> None:
+            self.pauses += 1
+            pause()
+
+        super().write(rows, pause=counted)
+
+
+async def test_a_batch_is_written_a_piece_at_a_time_with_the_loop_let_run_between(tmp_path: Path) -> None:
+    store = PauseCountingStore(f"sqlite:///{tmp_path / 'u.db'}")
+    ledger = Ledger(store)
+    for i in range(3 * PIECE + 1):
+        ledger.record(row(request_id=f"r{i}"))
+    await ledger.flush()
+    assert store.pauses == 3
+    assert len(await ledger.read(lambda s: s.rows(limit=1000))) == 3 * PIECE + 1
+    await ledger.aclose()
+
+
 class GatedStore(SqlStore):
     """A real SQLite store whose first write waits until the test opens the gate."""
 
@@ -90,10 +116,10 @@ class GatedStore(SqlStore):
         self.writing = threading.Event()
         self.gate = threading.Event()
 
-    def write(self, rows: Sequence[UsageRow]) -> None:
+    def write(self, rows: Sequence[UsageRow], *, pause: Callable[[], None] | None = None) -> None:
         self.writing.set()
         self.gate.wait(timeout=10)
-        super().write(rows)
+        super().write(rows, pause=pause)
 
 
 async def test_a_flush_writes_what_was_buffered_when_it_began_and_shutdown_writes_the_rest(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxykit.store.base import HOUR
-from proxykit.store.sql import SCHEMA_VERSION, SqlStore, StoreUnavailable
+from proxykit.store.sql import PIECE, SCHEMA_VERSION, SqlStore, StoreUnavailable
 from tests.store.conftest import row
 
 
@@ -39,6 +39,33 @@ def test_a_large_batch_comes_back_whole_and_exact(store: SqlStore) -> None:
     ]
     store.write(batch)
     assert store.rows(limit=2000) == batch[::-1]
+
+
+def test_a_batch_goes_in_pieces_with_a_pause_between_and_stays_one_transaction(store: SqlStore) -> None:
+    hour = (time.time() // HOUR - 1) * HOUR
+    batch = [row(request_id=f"r{i}", time=hour + i, cost_usd=0.25) for i in range(4 * PIECE + 3)]
+    store.check()  # connected: SQLite's count of the rows its connection changed starts here
+    changed_before = 0 if store.postgres else store._connection.total_changes
+    pauses: list[int] = []
+
+    def pause() -> None:  # COPY has no count of its rows so far: there, the pauses are counted
+        pauses.append(len(pauses) + 1 if store.postgres else store._connection.total_changes - changed_before)
+
+    store.write(batch, pause=pause)
+    expected = [1, 2, 3, 4] if store.postgres else [PIECE, 2 * PIECE, 3 * PIECE, 4 * PIECE]
+    assert pauses == expected
+    assert store.rows(limit=1000) == batch[::-1]
+    assert store.usage_totals(hour, hour + HOUR) == [("chat", "team-a", len(batch), 15 * len(batch), 0.25 * len(batch))]
+
+    def fail_at_the_third() -> None:
+        pauses.append(0)
+        if len(pauses) == len(expected) + 3:
+            raise RuntimeError("the writer stopped")
+
+    with pytest.raises(StoreUnavailable):
+        store.write([row(request_id=f"late{i}", time=hour + i) for i in range(4 * PIECE)], pause=fail_at_the_third)
+    assert len(store.rows(limit=1000)) == len(batch)  # no piece of the failed batch stayed
+    assert store.usage_totals(hour, hour + HOUR)[0][2] == len(batch)
 
 
 def test_hourly_totals_add_up_per_model_client_and_status(store: SqlStore) -> None:
