@@ -29,10 +29,13 @@ test: lint
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; fi; \
 	exit $$status
 
-# Performance is measured here, never asserted in tests: wrk and redis-server from Debian, and
+# Performance is measured here, never asserted in tests: wrk and redis-server from Debian,
 # LiteLLM's proxy (the version the issue's anchors used) in a throwaway virtualenv outside the
-# repo, all in one interleaved run on this machine. BENCH_ARGS=--quick for a short try.
+# repo and, where Node 20 and npm are installed, Portkey's gateway beside it, all in one
+# interleaved run on this machine. BENCH_ARGS=--quick for a short try.
 LITELLM_VENV ?= /tmp/proxykit-bench-litellm
+PORTKEY_DIR ?= /tmp/proxykit-bench-portkey
+PORTKEY_SERVER = $(PORTKEY_DIR)/node_modules/@portkey-ai/gateway/build/start-server.js
 BENCH_ARGS ?=
 
 bench: $(BIN)/.installed-test
@@ -40,8 +43,12 @@ bench: $(BIN)/.installed-test
 		(apt-get update -qq && apt-get install -y -qq wrk redis-server)
 	test -x $(LITELLM_VENV)/bin/litellm || ($(PYTHON) -m venv $(LITELLM_VENV) && \
 		$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==1.106.2' httptools uvloop)
+	if command -v npm >/dev/null && ! test -f $(PORTKEY_SERVER); then \
+		mkdir -p $(PORTKEY_DIR) && cp tests/benchmarks/portkey/package.json $(PORTKEY_DIR)/ && \
+		npm install --prefix $(PORTKEY_DIR) --no-audit --no-fund --silent; fi
 	$(BIN)/python -m tests.benchmarks.key_choice
-	$(BIN)/python -m tests.benchmarks.run --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)
+	$(BIN)/python -m tests.benchmarks.run --litellm $(LITELLM_VENV)/bin/litellm \
+		$$(test -f $(PORTKEY_SERVER) && echo --portkey $(PORTKEY_SERVER)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,4 +1,5 @@
-"""The processes a benchmark runs: the mock upstream, the floor proxy, the TCP splice, proxykit, LiteLLM's proxy.
+"""The processes a benchmark runs: the mock upstream, the floor proxy, the TCP splice, proxykit,
+LiteLLM's proxy and Portkey's gateway.
 
 Each proxy is pinned to core 0 (`taskset`); the mock, redis and the load generator to core 1.
 """
@@ -24,10 +25,16 @@ CLIENT_KEY = "pk-bench"
 SPLICE = "tcp splice"
 CACHE_HIT, CACHE_MISS = "proxykit full, cache hits", "proxykit full, cache misses"
 STORE_SQLITE, STORE_POSTGRES = "proxykit full, sqlite store", "proxykit full, postgresql store"
+PORTKEY = "portkey"
 
 # No cost-map download at start, quiet logs, and no master key: it would refuse to start without one.
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
                "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}
+# Portkey refuses a custom host on a private address unless it is trusted.
+PORTKEY_ENV = {"TRUSTED_CUSTOM_HOSTS": "127.0.0.1"}
+
+
+Headers = tuple[tuple[str, str], ...]
 
 
 def free_port() -> int:
@@ -52,13 +59,13 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait()
 
 
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, headers: Headers = ()) -> None:
     for _ in range(2400):  # LiteLLM takes a while to start
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the process for {url} exited with {process.returncode}")
         try:
             httpx.post(f"{url}/v1/chat/completions", json={"model": "bench"}, timeout=1,
-                       headers={"authorization": f"Bearer {CLIENT_KEY}"})
+                       headers={"authorization": f"Bearer {CLIENT_KEY}", **dict(headers)})
             return
         except httpx.TransportError:
             time.sleep(0.05)
@@ -146,6 +153,7 @@ class Target:
     url: str
     pid: int | None  # the proxy's process, for CPU and memory; None for the direct connection
     unique_bodies: bool = False  # every request a new body: with the cache on, every one a miss
+    headers: Headers = ()  # what every request must carry besides the client key (Portkey's routing)
 
 
 @dataclass
@@ -160,15 +168,15 @@ class Fleet:
 
 
 def start_fleet(
-    tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None = None, splice: bool = False,
-    cache: bool = False, postgres_url: str | None = None,
+    tmp: Path, *, mock_env: dict[str, str], litellm: str | None, portkey: str | None = None,
+    redis_url: str | None = None, splice: bool = False, cache: bool = False, postgres_url: str | None = None,
 ) -> Fleet:
     """`splice`: also the raw TCP splice, the least a Python relay can do. The streaming part asks
     for it: it shows whether this machine can relay the streams one event a read at all."""
     fleet = Fleet()
     try:
-        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache,
-                     postgres_url=postgres_url)
+        _start_fleet(fleet, tmp, mock_env=mock_env, litellm=litellm, portkey=portkey, redis_url=redis_url,
+                     splice=splice, cache=cache, postgres_url=postgres_url)
     except BaseException:
         fleet.close()
         raise
@@ -176,15 +184,16 @@ def start_fleet(
 
 
 def _start_fleet(
-    fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, splice: bool,
-    cache: bool, postgres_url: str | None,
+    fleet: Fleet, tmp: Path, *, mock_env: dict[str, str], litellm: str | None, portkey: str | None,
+    redis_url: str | None, splice: bool, cache: bool, postgres_url: str | None,
 ) -> None:
-    def add(name: str, command: list[str], port: int, core: int, env: dict[str, str] | None = None) -> None:
+    def add(name: str, command: list[str], port: int, core: int, env: dict[str, str] | None = None,
+            headers: Headers = ()) -> None:
         process = start(command, core, env)
         fleet.processes.append(process)
         url = f"http://127.0.0.1:{port}"
-        fleet.targets.append(Target(name, url, process.pid if core == PROXY_CORE else None))
-        wait_ready(url, process)
+        fleet.targets.append(Target(name, url, process.pid if core == PROXY_CORE else None, headers=headers))
+        wait_ready(url, process, headers)
 
     python = sys.executable
     port = free_port()
@@ -222,6 +231,10 @@ def _start_fleet(
         path.write_text(yaml.safe_dump(litellm_config(upstream)))
         add("litellm", [litellm, "--config", str(path), "--port", str(port), "--num_workers", "1"], port,
             PROXY_CORE, LITELLM_ENV)
+    if portkey:
+        port = free_port()
+        add(PORTKEY, ["node", portkey, f"--port={port}", "--headless"], port, PROXY_CORE, PORTKEY_ENV,
+            headers=(("x-portkey-provider", "openai"), ("x-portkey-custom-host", f"{upstream}/v1")))
 
 
 @contextmanager

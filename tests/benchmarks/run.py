@@ -1,7 +1,8 @@
-"""`make bench`: proxykit against a direct connection, a bare aiohttp floor proxy and LiteLLM's
-proxy, in one interleaved run. Prints Markdown tables and writes every raw figure as JSON.
+"""`make bench`: proxykit against a direct connection, a bare aiohttp floor proxy, LiteLLM's proxy
+and Portkey's gateway, in one interleaved run. Prints Markdown tables and writes every raw figure as JSON.
 
-    python -m tests.benchmarks.run [--litellm VENV/bin/litellm] [--repeat 3] [--seconds 5] [--quick]
+    python -m tests.benchmarks.run [--litellm VENV/bin/litellm] [--portkey .../gateway/build/start-server.js]
+                                   [--repeat 3] [--seconds 5] [--quick]
 
 Each proxy is pinned to core 0; this process (the streaming clients), wrk, the mock upstream and
 redis to core 1. Every figure is the median of `--repeat` runs with its range; targets are
@@ -31,6 +32,7 @@ from tests.benchmarks.processes import (
     CACHE_HIT,
     CACHE_MISS,
     LOAD_CORE,
+    PORTKEY,
     SPLICE,
     STORE_POSTGRES,
     STORE_SQLITE,
@@ -44,7 +46,7 @@ from tests.benchmarks.processes import (
 )
 from tests.benchmarks.store_query import store_queries
 from tests.benchmarks.streams import Stream, load, quantile
-from tests.benchmarks.throughput import POST_SCRIPT, UNIQUE_POST_SCRIPT, run_wrk
+from tests.benchmarks.throughput import post_script, run_wrk, unique_post_script
 
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 16, 64, 256)
@@ -56,6 +58,7 @@ STREAM_GAP_MS = 2  # between the events of a benchmark stream
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--litellm", help="the litellm command of a throwaway virtualenv")
+    parser.add_argument("--portkey", help="start-server.js of @portkey-ai/gateway, run with `node`")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="of each wrk run")
     parser.add_argument("--soak-streams", type=int, default=500)
@@ -74,7 +77,7 @@ def main() -> None:
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "settings": {"repeat": args.repeat, "seconds": args.seconds, "soak_streams": args.soak_streams,
-                     "litellm": args.litellm},
+                     "litellm": args.litellm, "portkey": args.portkey},
     }
     with redis_server() as redis_url, postgres_database() as postgres_url:
         if "plain" in parts:
@@ -97,34 +100,40 @@ def plain(
     tmp: Path, args: argparse.Namespace, redis_url: str | None, postgres_url: str | None,
 ) -> list[dict[str, Any]]:
     """Non-streaming: every concurrency and upstream latency, every target."""
-    script, unique = tmp / "post.lua", tmp / "unique.lua"
-    script.write_text(POST_SCRIPT)
-    unique.write_text(UNIQUE_POST_SCRIPT)
     cells: list[dict[str, Any]] = []
     for latency in LATENCIES_MS:
-        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args.litellm, redis_url, splice=True, cache=True,
+        with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args, redis_url, splice=True, cache=True,
                     postgres_url=postgres_url) as fleet:
             runs: dict[tuple[int, str], list[dict[str, float]]] = {}
             for _ in range(args.repeat):
                 for concurrency in CONCURRENCY:
                     for target in fleet.targets:
                         runs.setdefault((concurrency, target.name), []).append(
-                            run_wrk(target, concurrency, args.seconds, unique if target.unique_bodies else script))
+                            run_wrk(target, concurrency, args.seconds, _script(tmp, target)))
             for (concurrency, name), measured in runs.items():
                 cells.append({"latency_ms": latency, "concurrency": concurrency, "target": name, "runs": measured,
                               **_medians(measured)})
     return cells
 
 
+def _script(tmp: Path, target: Target) -> Path:
+    """The wrk script for a target: its headers, and a new body each request or the same one."""
+    path = tmp / f"post-{abs(hash((target.headers, target.unique_bodies)))}.lua"
+    if not path.exists():
+        make = unique_post_script if target.unique_bodies else post_script
+        path.write_text(make(target.headers))
+    return path
+
+
 def streams(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """50 events 2 ms apart, at 1 and 64 concurrent."""
     cells: list[dict[str, Any]] = []
     mock_env = {"MOCK_EVENTS": "50", "MOCK_GAP_MS": str(STREAM_GAP_MS)}
-    with _fleet(tmp, mock_env, args.litellm, None, splice=True) as fleet:
+    with _fleet(tmp, mock_env, args, None, splice=True) as fleet:
         # One unmeasured round of 64 first: otherwise the first repetition also times each proxy
         # opening its 64 upstream connections.
         for target in fleet.targets:
-            uvloop.run(load(target.url, 64, 1))
+            uvloop.run(load(target.url, 64, 1, target.headers))
         runs: dict[tuple[int, str], list[dict[str, float]]] = {}
         for _ in range(args.repeat):
             for concurrency, per_client in ((1, 20), (64, 3)):
@@ -139,11 +148,11 @@ def streams(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 def soak(tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """`--soak-streams` concurrent streams of 10 s (50 events 200 ms apart)."""
     cells: list[dict[str, Any]] = []
-    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": "200"}, args.litellm, None) as fleet:
+    with _fleet(tmp, {"MOCK_EVENTS": "50", "MOCK_GAP_MS": "200"}, args, None) as fleet:
         runs: dict[str, list[dict[str, float]]] = {}
         for _ in range(args.repeat):
             for target in fleet.targets:
-                streams_ = uvloop.run(load(target.url, args.soak_streams, 1))
+                streams_ = uvloop.run(load(target.url, args.soak_streams, 1, target.headers))
                 complete = [s for s in streams_ if s is not None and s.done]
                 runs.setdefault(target.name, []).append({
                     "completed": len(complete),
@@ -161,7 +170,7 @@ def _measured_streams(target: Target, concurrency: int, per_client: int) -> dict
     core has ~31 µs for each event; a proxy that needs more falls behind and its reads merge."""
     user_before, system_before = cpu_split(target.pid) if target.pid else (0.0, 0.0)
     started = time.perf_counter()
-    finished = [s for s in uvloop.run(load(target.url, concurrency, per_client)) if s is not None]
+    finished = [s for s in uvloop.run(load(target.url, concurrency, per_client, target.headers)) if s is not None]
     wall = time.perf_counter() - started
     user, system = cpu_split(target.pid) if target.pid else (math.nan, math.nan)
     user, system = user - user_before, system - system_before
@@ -281,6 +290,10 @@ def report(results: dict[str, Any]) -> None:
                   f"| {_num(cell.get('p999_ms', math.nan), 2)} | {_added(cell, direct)} "
                   f"| {_num(cell['cpu_s_per_1k'], 3)} | {_ratio(cell, floor, 'cpu_s_per_1k', 2)} "
                   f"| {_num(cell.get('loop_stall_ms', math.nan), 1)} | {cell['errors']:.0f} |")
+        if (portkey := _cell(cells, PORTKEY, 0, 64)) and (full := _cell(cells, FULL, 0, 64)):
+            print(f"\nPortkey's gateway (Node) at 64 concurrent, the upstream answering at once: "
+                  f"{portkey['rps']:,.0f} req/s, p99 {portkey['p99_ms']:.1f} ms; proxykit full "
+                  f"{full['rps'] / portkey['rps']:.1f}x its req/s, p99 {full['p99_ms']:.1f} ms.")
         if (splice := _cell(cells, SPLICE, 0, 64)) and (full := _cell(cells, FULL, 0, 64)):
             print(f"\nThe {SPLICE} copies bytes between sockets and parses no HTTP: at 64 concurrent, with "
                   f"the upstream answering at once, its {splice['rps']:,.0f} req/s are the most any Python relay "
@@ -361,11 +374,11 @@ def _num(value: float, digits: int) -> str:
 
 @contextmanager
 def _fleet(
-    tmp: Path, mock_env: dict[str, str], litellm: str | None, redis_url: str | None, *, splice: bool = False,
+    tmp: Path, mock_env: dict[str, str], args: argparse.Namespace, redis_url: str | None, *, splice: bool = False,
     cache: bool = False, postgres_url: str | None = None,
 ) -> Iterator[Fleet]:
-    fleet = start_fleet(tmp, mock_env=mock_env, litellm=litellm, redis_url=redis_url, splice=splice, cache=cache,
-                        postgres_url=postgres_url)
+    fleet = start_fleet(tmp, mock_env=mock_env, litellm=args.litellm, portkey=args.portkey, redis_url=redis_url,
+                        splice=splice, cache=cache, postgres_url=postgres_url)
     try:
         yield fleet
     finally:

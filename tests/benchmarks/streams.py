@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
-from tests.benchmarks.processes import CLIENT_KEY
+from tests.benchmarks.processes import CLIENT_KEY, Headers
 
 _BODY = json.dumps({"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hello"}]}).encode()
 
@@ -65,10 +65,11 @@ class _StreamReader(asyncio.Protocol):
                       self.events, self.reads, b"data: [DONE]" in self.tail)
 
 
-async def one_stream(host: str, port: int, timeout: float = 120.0) -> Stream | None:
+async def one_stream(host: str, port: int, headers: Headers = (), timeout: float = 120.0) -> Stream | None:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     request = (
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {CLIENT_KEY}\r\ncontent-length: {len(_BODY)}\r\nconnection: close\r\n\r\n"
+        f"authorization: Bearer {CLIENT_KEY}\r\n{extra}content-length: {len(_BODY)}\r\nconnection: close\r\n\r\n"
     ).encode() + _BODY
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
@@ -85,12 +86,12 @@ async def one_stream(host: str, port: int, timeout: float = 120.0) -> Stream | N
     return reader.result()
 
 
-async def load(url: str, concurrency: int, per_client: int) -> list[Stream | None]:
+async def load(url: str, concurrency: int, per_client: int, headers: Headers = ()) -> list[Stream | None]:
     """`concurrency` clients, each reading `per_client` streams one after another."""
     host, _, port = url.removeprefix("http://").partition(":")
 
     async def client() -> list[Stream | None]:
-        return [await one_stream(host, int(port)) for _ in range(per_client)]
+        return [await one_stream(host, int(port), headers) for _ in range(per_client)]
 
     batches = await asyncio.gather(*(client() for _ in range(concurrency)))
     return [stream for batch in batches for stream in batch]

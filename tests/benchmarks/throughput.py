@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.benchmarks.processes import CLIENT_KEY, LOAD_CORE, Target, cpu_seconds
+from tests.benchmarks.processes import CLIENT_KEY, LOAD_CORE, Headers, Target, cpu_seconds
 
 # wrk prints p50/p75/p90/p99 and a rounded mean only; the tail past p99 and the exact mean are
 # asked of its latency histogram.
@@ -20,23 +20,29 @@ _TAIL = """done = function(summary, latency, requests)
 end
 """
 
-POST_SCRIPT = f"""wrk.method = "POST"
+def post_script(headers: Headers = ()) -> str:
+    """The same body every request."""
+    extra = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers)
+    return f"""wrk.method = "POST"
 wrk.body = '{{"model": "bench", "messages": [{{"role": "user", "content": "hello"}}]}}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"
-""" + _TAIL
+{extra}""" + _TAIL
 
 
-# Every request a body never sent before (a `user` from a counter that starts at the run's second
-# times a million), so with the cache on every one is a miss.
-UNIQUE_POST_SCRIPT = f"""counter = os.time() % 1000000 * 1000000
+def unique_post_script(headers: Headers = ()) -> str:
+    """Every request a body never sent before (a `user` from a counter that starts at the run's
+    second times a million), so with the cache on every one is a miss."""
+    extra = "".join(f', ["{name}"] = "{value}"' for name, value in headers)
+    return f"""counter = os.time() % 1000000 * 1000000
 request = function()
   counter = counter + 1
   local body = '{{"model": "bench", "user": "' .. counter .. '", "messages": [{{"role": "user", "content": "hello"}}]}}'
-  local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {CLIENT_KEY}"}}
+  local headers = {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer {CLIENT_KEY}"{extra}}}
   return wrk.format("POST", nil, headers, body)
 end
 """ + _TAIL
+
 
 _SCALE_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
