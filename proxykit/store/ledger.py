@@ -47,10 +47,11 @@ WRITER_NICENESS: Final = 10
 
 
 def _let_the_loop_run() -> None:
-    """Between two pieces of a batch the store's thread lets go of the interpreter lock and of the
-    core: the event loop's thread, waiting for either, runs now. Without it the loop waits on a
+    """`SqlStore.write`'s pause between two pieces of a batch. It runs in the store's thread only,
+    never on the event loop: a zero sleep there lets go of the interpreter lock and of the core,
+    so the event loop's thread, waiting for either, runs now. Without it the loop waits on a
     writing thread a scheduler tick at a time."""
-    time.sleep(0)
+    time.sleep(0)  # the store's thread: see above
 
 
 def _lower_this_threads_priority() -> None:
