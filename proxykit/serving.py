@@ -10,10 +10,16 @@ that sends half a request line or half a body: 48 MiB of headers were held whole
 slowloris connections stayed open. The protocol here answers 431 past `max_header_bytes` or
 `max_headers`, and 408 when a request's headers are not complete `header_timeout` seconds after
 its first byte (or after the connection opened), or when its body pauses for `body_timeout`.
+
+uvicorn also writes an answer's head and its body in two system calls, two packets. Here the
+head of an answer of known length (`content-length`, not a stream) waits for the answer's first
+body write and goes out with it, in one; a body write never waits, and a stream's head goes out
+at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -29,7 +35,7 @@ from typing import Any, Final
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.supervisors import Multiprocess
 
 logger = logging.getLogger(__name__)
@@ -142,7 +148,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_header_timer()
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:  # a new request's cycle
+            self.cycle.transport = _HeadWithBody(self.transport, self.cycle)
 
     def on_message_complete(self) -> None:
         self._disarm_body_timer()
@@ -205,6 +214,58 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             % (status, _REASONS[status], len(body)) + body
         )
         self.transport.close()
+
+
+class _HeadWithBody(asyncio.Transport):
+    """The transport as one request's response cycle sees it: the head of an answer of known
+    length is held until the cycle's next write, its body's first piece, and both go in one call."""
+
+    __slots__ = ("_cycle", "_head", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        super().__init__()
+        self._transport = transport
+        # Until its answer starts; then let go, or the cycle and this would be garbage only the
+        # collector frees, a request at a time.
+        self._cycle: RequestResponseCycle | None = cycle
+        self._head = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            if len(data) <= _JOINED_AT_MOST:
+                self._transport.write(head + bytes(data))
+            else:  # a large body is not copied: one `writev` still
+                self._transport.writelines((head, data))
+            return
+        cycle = self._cycle
+        if cycle is not None and cycle.response_started:  # this write is the answer's head
+            self._cycle = None
+            if _has_length(cycle):
+                self._head = bytes(data)
+                return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._head and not self._transport.is_closing():  # the app ended without its body
+            self._transport.write(self._head)
+        self._head, self._cycle = b"", None
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
+def _has_length(cycle: RequestResponseCycle) -> bool:
+    # uvicorn writes every body message of such an answer, an empty one too; a HEAD request's
+    # body messages write nothing, so its head is never held.
+    return cycle.expected_content_length > 0 and not cycle.chunked_encoding and cycle.scope["method"] != "HEAD"
+
+
+_JOINED_AT_MOST: Final = 65536  # bytes of body copied to join the head: cheaper than a second call
 
 
 class DrainingServer(uvicorn.Server):

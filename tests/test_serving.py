@@ -3,22 +3,26 @@ in flight finish within the grace period."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 import httpx
 import pytest
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.server import ServerState
 
 from proxykit import create_app
-from proxykit.serving import DrainingServer
+from proxykit.serving import DrainingServer, GuardedHttpToolsProtocol, ServerLimits
 from tests.conftest import CHAT, ProxykitProcess, in_process, make_config, proxykit_process, serve
 from tests.upstreams import GatedStream
 
@@ -136,3 +140,124 @@ async def test_limit_concurrency_refuses_what_is_past_it_with_503(tmp_path: Path
     # The start banner says what is served, without a key.
     assert "proxykit serving 1 models (1 deployments, 2 upstream keys) at http://127.0.0.1:" in flight.proxy.output
     assert "auth off, limits memory, cache off" in flight.proxy.output
+
+
+class RecordingTransport(asyncio.Transport):
+    """A connection's far end as the protocol sees it: each write call, as one item."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.protocol: Any = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.writes.append(b"".join(list_of_data))  # one `writev`, one call
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def one_request(app: ASGIApp, method: bytes = b"POST") -> AsyncIterator[RecordingTransport]:
+    """`proxykit serve`'s protocol on a recorded connection, given one request for `app`; the
+    transport's `protocol` is the protocol."""
+    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning")
+    config.load()
+    transport = RecordingTransport()
+    protocol = GuardedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={}, limits=ServerLimits())
+    protocol.connection_made(transport)
+    transport.protocol = protocol
+    protocol.data_received(method + b" /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+    try:
+        yield transport
+    finally:
+        protocol.connection_lost(None)
+
+
+def answer(*pieces: bytes, length: bool = True) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        size = [(b"content-length", b"%d" % sum(map(len, pieces)))] if length else []
+        await send({"type": "http.response.start", "status": 200, "headers": size})
+        for i, piece in enumerate(pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1})
+
+    return app
+
+
+async def until(done: Callable[[], bool]) -> None:
+    with anyio.fail_after(5):
+        while not done():
+            await anyio.sleep(0)
+
+
+async def test_an_answer_of_known_length_goes_out_head_and_body_in_one_write() -> None:
+    async with one_request(answer(b'{"id": "x"}')) as transport:
+        await until(lambda: len(transport.writes) >= 1)
+        await anyio.sleep(0.01)
+    assert len(transport.writes) == 1
+    head, body = transport.writes[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 11" in head
+    assert body == b'{"id": "x"}'
+
+
+async def test_a_finished_answer_leaves_no_reference_cycle_for_the_garbage_collector() -> None:
+    async with one_request(answer(b'{"id": "x"}')) as transport:
+        cycle = transport.protocol.cycle
+        await until(lambda: cycle.response_complete)
+        assert cycle.transport is not transport  # the cycle writes through the joining transport
+        assert cycle not in gc.get_referents(cycle.transport)  # which holds it no more
+
+
+async def test_only_the_head_waits_each_later_piece_of_the_body_is_its_own_write() -> None:
+    async with one_request(answer(b"first ", b"second ", b"third")) as transport:
+        await until(lambda: len(transport.writes) >= 3)
+    assert [write.split(b"\r\n\r\n")[-1] for write in transport.writes] == [b"first ", b"second ", b"third"]
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_a_streams_head_goes_out_before_its_first_event_is_sent() -> None:
+    first_event = anyio.Event()
+
+    async def stream(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await first_event.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": False})
+
+    async with one_request(stream) as transport:
+        await until(lambda: len(transport.writes) >= 1)
+        assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and transport.writes[0].endswith(b"\r\n\r\n")
+        first_event.set()
+        await until(lambda: len(transport.writes) >= 2)
+    assert b"data: 1\n\n" in transport.writes[1]
+
+
+async def test_a_head_request_is_answered_with_its_head_at_once() -> None:
+    async with one_request(answer(b""), method=b"HEAD") as transport:
+        await until(lambda: len(transport.writes) >= 1)
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_an_app_that_fails_after_a_start_of_known_length_still_gets_its_head_out_before_the_close() -> None:
+    async def fails(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        raise RuntimeError("a bug after the start")
+
+    async with one_request(fails) as transport:
+        await until(lambda: transport.closed)
+    assert [write[:15] for write in transport.writes] == [b"HTTP/1.1 200 OK"]
