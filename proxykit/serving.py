@@ -38,6 +38,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.supervisors import Multiprocess
 
+from proxykit.upstream.http1.connection import write_together
+
 logger = logging.getLogger(__name__)
 
 _REASONS: Final = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -233,10 +235,7 @@ class _HeadWithBody(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._head:
             head, self._head = self._head, b""
-            if len(data) <= _JOINED_AT_MOST:
-                self._transport.write(head + bytes(data))
-            else:  # a large body is not copied: one `writev` still
-                self._transport.writelines((head, data))
+            write_together(self._transport, head, bytes(data))
             return
         cycle = self._cycle
         if cycle is not None and cycle.response_started:  # this write is the answer's head
@@ -263,9 +262,6 @@ def _has_length(cycle: RequestResponseCycle) -> bool:
     # uvicorn writes every body message of such an answer, an empty one too; a HEAD request's
     # body messages write nothing, so its head is never held.
     return cycle.expected_content_length > 0 and not cycle.chunked_encoding and cycle.scope["method"] != "HEAD"
-
-
-_JOINED_AT_MOST: Final = 65536  # bytes of body copied to join the head: cheaper than a second call
 
 
 class DrainingServer(uvicorn.Server):

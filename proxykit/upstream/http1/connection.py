@@ -18,6 +18,17 @@ if TYPE_CHECKING:
 # must not make proxykit hold megabytes of headers. Real ones send a few KiB.
 MAX_HEAD_BYTES: Final = 64 * 1024
 
+JOINED_AT_MOST: Final = 65536  # bytes of body copied to join its head: cheaper than a second call
+
+
+def write_together(transport: asyncio.WriteTransport, head: bytes, body: bytes) -> None:
+    """A head and its body in one system call: copied together when the body is a few KB, one
+    `writev` of both when it is larger."""
+    if len(body) <= JOINED_AT_MOST:
+        transport.write(head + body)
+    else:
+        transport.writelines((head, body))
+
 
 class Origin(NamedTuple):
     scheme: str
@@ -50,11 +61,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = response = Http1Response(self, head_request=head_request)
         self._head_bytes = 0
-        # One write, one system call: copying a body of a few KB costs less than a second call.
-        if len(body) <= 65536:
-            self.transport.write(head + body)
-        else:
-            self.transport.writelines((head, body))
+        write_together(self.transport, head, body)
         return response
 
     async def send_streamed(self, head: bytes, body: AsyncIterable[bytes], *, head_request: bool) -> Http1Response:
