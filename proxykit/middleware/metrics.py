@@ -37,6 +37,7 @@ class MetricsMiddleware:
         metrics = self.metrics
         counted_as = ctx.model
         metrics.add(metrics.in_flight, (counted_as,))
+        metrics.loop_lag.enter()
 
         def moved_to(model: str) -> None:  # the model is known only once an inner layer read the body
             nonlocal counted_as
@@ -48,6 +49,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observed)
         finally:
+            metrics.loop_lag.leave()
             status = 499 if ctx.disconnected else observed.status
             try:
                 self._record(ctx, counted_as, status, observed.first_byte_at)
