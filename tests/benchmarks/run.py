@@ -2,11 +2,12 @@
 and Portkey's gateway, in one interleaved run. Prints Markdown tables and writes every raw figure as JSON.
 
     python -m tests.benchmarks.run [--litellm VENV/bin/litellm] [--portkey .../gateway/build/start-server.js]
-                                   [--repeat 3] [--seconds 5] [--quick]
+                                   [--repeat 3] [--more-at-64 4] [--seconds 5] [--quick]
 
 Each proxy is pinned to core 0; this process (the streaming clients), wrk, the mock upstream and
-redis to core 1. Every figure is the median of `--repeat` runs with its range; targets are
-rotated within each repetition, so drift on a shared machine hits every row alike.
+redis to core 1. Every figure is the median of `--repeat` runs with its range (at 64 concurrent
+with the upstream answering at once, where the targets are checked, `--more-at-64` runs more);
+targets are rotated within each repetition, so drift on a shared machine hits every row alike.
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ def main() -> None:
     parser.add_argument("--portkey", help="start-server.js of @portkey-ai/gateway, run with `node`")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="of each wrk run")
+    parser.add_argument("--more-at-64", type=int, default=4,
+                        help="extra runs of every target at 64 concurrent with the upstream answering at once, "
+                             "where the targets are checked")
     parser.add_argument("--soak-streams", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="one repetition of 2 s runs: for trying things")
     parser.add_argument("--only", choices=("plain", "streams", "soak", "store"), action="append",
                         help="run only these parts")
     args = parser.parse_args()
     if args.quick:
-        args.repeat, args.seconds = 1, 2
+        args.repeat, args.seconds, args.more_at_64 = 1, 2, 0
     os.sched_setaffinity(0, {LOAD_CORE})
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 500 streams through a proxy are 2,000 sockets
@@ -76,8 +80,8 @@ def main() -> None:
     results: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
-        "settings": {"repeat": args.repeat, "seconds": args.seconds, "soak_streams": args.soak_streams,
-                     "litellm": args.litellm, "portkey": args.portkey},
+        "settings": {"repeat": args.repeat, "more_at_64": args.more_at_64, "seconds": args.seconds,
+                     "soak_streams": args.soak_streams, "litellm": args.litellm, "portkey": args.portkey},
     }
     with redis_server() as redis_url, postgres_database() as postgres_url:
         if "plain" in parts:
@@ -105,8 +109,13 @@ def plain(
         with _fleet(tmp, {"MOCK_LATENCY_MS": str(latency)}, args, redis_url, splice=True, cache=True,
                     postgres_url=postgres_url) as fleet:
             runs: dict[tuple[int, str], list[dict[str, float]]] = {}
-            for _ in range(args.repeat):
-                for concurrency in CONCURRENCY:
+            rounds: list[tuple[int, ...]] = [CONCURRENCY] * args.repeat
+            if latency == 0:
+                # The ratios the targets compare come from this point, and runs of the same code here
+                # differ by up to ±15% a few seconds apart: more runs, still rotated among the targets.
+                rounds += [(64,)] * args.more_at_64
+            for concurrencies in rounds:
+                for concurrency in concurrencies:
                     for target in fleet.targets:
                         runs.setdefault((concurrency, target.name), []).append(
                             run_wrk(target, concurrency, args.seconds, _script(tmp, target)))
