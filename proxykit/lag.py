@@ -33,7 +33,7 @@ class LoopLagProbe(Collector):
         self._quiet_ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._due = 0.0
+        self._due = 0.0  # loop time the next tick is due
 
     @property
     def ticking(self) -> bool:
@@ -51,17 +51,22 @@ class LoopLagProbe(Collector):
             self._timer = None
 
     def enter(self) -> None:
-        """A request has begun: tick again if resting."""
+        """A request has begun: tick again if resting, or if the loop ticking ended (a host may run
+        the app on one event loop after another), on the loop that runs this request."""
         self.in_flight += 1
-        if self._timer is None and self._loop is not None:
+        if self._loop is not None and (self._timer is None or self._loop.is_closed()):
+            self._loop = asyncio.get_running_loop()
             self._arm(self._loop.time())
 
     def leave(self) -> None:
         self.in_flight -= 1
 
     def _arm(self, now: float) -> None:
-        assert self._loop is not None
         self._quiet_ticks = 0
+        self._schedule(now)
+
+    def _schedule(self, now: float) -> None:
+        assert self._loop is not None
         self._due = now + INTERVAL
         self._timer = self._loop.call_at(self._due, self._tick)
 
@@ -73,8 +78,7 @@ class LoopLagProbe(Collector):
         if self._quiet_ticks >= self._quiet_ticks_to_rest:
             self._timer = None  # resting until the next `enter`
             return
-        self._due = now + INTERVAL
-        self._timer = self._loop.call_at(self._due, self._tick)
+        self._schedule(now)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         worst, self.worst = self.worst, 0.0

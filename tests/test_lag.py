@@ -96,3 +96,51 @@ async def test_the_metrics_layer_counts_a_stream_in_flight_for_the_probe_until_i
             # An answer the gates no longer hold: counted in and out as well.
             assert (await client.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True})).status_code == 200
             assert probe.in_flight == 0
+
+
+def test_a_probe_resting_when_its_loop_ended_wakes_on_the_loop_of_the_next_request() -> None:
+    probe = LoopLagProbe(rest_after=REST_AFTER)
+
+    async def start_and_rest() -> None:
+        probe.start(asyncio.get_running_loop())
+        await asyncio.sleep(REST_AFTER + 10 * INTERVAL)
+
+    async def request_with_a_stall() -> None:
+        probe.enter()
+        await _stall(0.05)
+        probe.leave()
+
+    asyncio.run(start_and_rest())  # that loop is closed now
+    assert not probe.ticking
+    asyncio.run(request_with_a_stall())
+    assert probe.worst >= 0.04
+
+
+def test_a_probe_ticking_when_its_loop_ended_ticks_on_the_loop_of_the_next_request() -> None:
+    probe = LoopLagProbe(rest_after=REST_AFTER)
+
+    async def start_and_leave_at_once() -> None:
+        probe.start(asyncio.get_running_loop())
+
+    async def request_with_a_stall() -> None:
+        probe.enter()
+        await _stall(0.05)
+        probe.leave()
+
+    asyncio.run(start_and_leave_at_once())  # its first tick never came
+    assert probe.ticking
+    asyncio.run(request_with_a_stall())
+    assert probe.worst >= 0.04
+
+
+async def test_a_stall_of_over_a_second_is_measured_whatever_runs_first_after_it() -> None:
+    probe = LoopLagProbe(rest_after=REST_AFTER)
+    probe.start(asyncio.get_running_loop())
+    probe.enter()
+    time.sleep(1.2)
+    probe.enter()  # a request the stall held back may begin before the late tick runs
+    await asyncio.sleep(2 * INTERVAL)
+    assert probe.worst >= 1.1
+    probe.leave()
+    probe.leave()
+    probe.stop()
