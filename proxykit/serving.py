@@ -235,7 +235,7 @@ class _HeadWithBody(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._head:
             head, self._head = self._head, b""
-            write_together(self._transport, head, bytes(data))
+            write_together(self._transport, head, data)
             return
         cycle = self._cycle
         if cycle is not None and cycle.response_started:  # this write is the answer's head

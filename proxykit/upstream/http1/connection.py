@@ -21,7 +21,7 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 JOINED_AT_MOST: Final = 65536  # bytes of body copied to join its head: cheaper than a second call
 
 
-def write_together(transport: asyncio.WriteTransport, head: bytes, body: bytes) -> None:
+def write_together(transport: asyncio.WriteTransport, head: bytes, body: bytes | bytearray | memoryview) -> None:
     """A head and its body in one system call: copied together when the body is a few KB, one
     `writev` of both when it is larger."""
     if len(body) <= JOINED_AT_MOST:
