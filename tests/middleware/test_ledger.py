@@ -4,7 +4,9 @@ client, served from the cache. Management reads, health and metrics do not; no s
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,10 @@ pytestmark = pytest.mark.anyio
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20,
          "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 3}}
+# The deployment has a name of its own, so that no two of a row's names are the same.
 PRICED = [{"name": "chat", "pricing": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "deployments": [
-    {"base_url": "http://upstream.test/v1", "model": "upstream-chat", "api_keys": list(UPSTREAM_KEYS)}]}]
+    {"name": "chat-east", "base_url": "http://upstream.test/v1", "model": "upstream-chat",
+     "api_keys": list(UPSTREAM_KEYS)}]}]
 
 
 def store_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
@@ -60,6 +64,7 @@ def with_admin(config: dict[str, Any]) -> dict[str, Any]:
 
 async def test_answered_refused_and_failed_requests_each_make_one_row(tmp_path: Path) -> None:
     config = with_admin(store_config(tmp_path))
+    began = time.time()
     async with respx_proxy(config) as (router, client):
         router.post("/chat/completions").mock(side_effect=[
             streamed(200, json.dumps({"choices": [], "usage": USAGE}).encode(),
@@ -78,12 +83,14 @@ async def test_answered_refused_and_failed_requests_each_make_one_row(tmp_path: 
     answered = found[-1]
     assert answered == {
         "time": answered["time"], "request_id": "ok-1", "client": "team-a", "model": "chat", "served_model": "chat",
-        "deployment": "chat", "key": answered["key"], "path": "/v1/chat/completions", "status": 200, "stream": False,
+        "deployment": "chat-east", "key": answered["key"], "path": "/v1/chat/completions", "status": 200,
+        "stream": False,
         "prompt_tokens": 12, "completion_tokens": 8, "reasoning_tokens": 3, "cached_tokens": 4,
         "cost_usd": pytest.approx(12 * 1e-6 + 8 * 2e-6), "duration_ms": answered["duration_ms"],
         "ttfb_ms": answered["ttfb_ms"], "attempts": 1, "cache": None,
     }
-    assert answered["key"] in ("chat#0", "chat#1") and answered["time"].endswith("Z")
+    assert answered["key"] in ("chat-east#0", "chat-east#1") and answered["time"].endswith("Z")
+    assert began - 1 <= dt.datetime.fromisoformat(answered["time"]).timestamp() <= time.time()  # when it arrived
     assert answered["duration_ms"] >= answered["ttfb_ms"] > 0
     assert found[1]["model"] == "nope" and found[1]["served_model"] is None  # what the client asked for
     assert found[2]["attempts"] == 4 and found[2]["path"] == "/chat/completions"
