@@ -12,6 +12,7 @@ import hashlib
 import json
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -48,13 +49,8 @@ class CacheEntry:
         return age <= ttl and (max_age is None or age <= max_age)
 
     def pack(self) -> bytes:
-        """One bytes object: the form both backends keep. In memory it matters that it is one:
-        the garbage collector has nothing to walk in a cache of thousands of entries."""
-        header = _HEADER.pack(_MAGIC, self.status, self.stream, self.prompt_tokens, self.completion_tokens,
-                              self.stored_at,
-                              len(self.content_type), len(self.chunks))
-        lengths = struct.pack(f"!{len(self.chunks)}I", *map(len, self.chunks))
-        return b"".join((header, self.content_type, lengths, *self.chunks))
+        return pack_entry(self.status, self.content_type, self.chunks, self.stream, self.prompt_tokens,
+                          self.completion_tokens, self.stored_at)
 
     @classmethod
     def unpack(cls, data: bytes) -> CacheEntry | None:
@@ -78,13 +74,26 @@ class CacheEntry:
         return cls(status, content_type, tuple(chunks), bool(stream), prompt, completion, stored_at)
 
 
+def pack_entry(
+    status: int, content_type: bytes, chunks: Sequence[bytes], stream: bool, prompt_tokens: int,
+    completion_tokens: int, stored_at: float,
+) -> bytes:
+    """An entry as one bytes object: the form both backends keep, made straight from an answer
+    as it is stored (a `CacheEntry` is made only to replay one). In memory it matters that it is
+    one object: the garbage collector has nothing to walk in a cache of thousands of entries."""
+    header = _HEADER.pack(_MAGIC, status, stream, prompt_tokens, completion_tokens, stored_at, len(content_type),
+                          len(chunks))
+    lengths = struct.pack(f"!{len(chunks)}I", *map(len, chunks))
+    return b"".join((header, content_type, lengths, *chunks))
+
+
 class CacheBackend(Protocol):
-    """Where entries live. A backend that fails answers `get` with None and drops a `set`: a
-    cache never fails a request."""
+    """Where entries live, packed (`pack_entry`). A backend that fails answers `get` with None
+    and drops a `set`: a cache never fails a request."""
 
     async def get(self, key: str) -> CacheEntry | None: ...
 
-    async def set(self, key: str, entry: CacheEntry, ttl: float) -> None: ...
+    async def set(self, key: str, packed: bytes, ttl: float) -> None: ...
 
     async def aclose(self) -> None: ...
 

@@ -37,8 +37,7 @@ class MemoryCache:
         self._entries.move_to_end(key)  # just used: the last to leave
         return CacheEntry.unpack(packed)
 
-    async def set(self, key: str, entry: CacheEntry, ttl: float) -> None:
-        packed = entry.pack()
+    async def set(self, key: str, packed: bytes, ttl: float) -> None:
         size = len(packed) + len(key) + ENTRY_OVERHEAD
         if size > self.max_bytes // 10:  # one answer must not push out the whole cache
             return

@@ -32,12 +32,11 @@ class RedisCache:
         self.connection.answered()
         return CacheEntry.unpack(data) if isinstance(data, bytes) else None
 
-    async def set(self, key: str, entry: CacheEntry, ttl: float) -> None:
-        data = entry.pack()
-        if len(data) > MAX_ENTRY_BYTES or not self.connection.usable:
+    async def set(self, key: str, packed: bytes, ttl: float) -> None:
+        if len(packed) > MAX_ENTRY_BYTES or not self.connection.usable:
             return
         try:
-            await self.connection.client().set(PREFIX + key, data, px=max(1, int(ttl * 1000)))
+            await self.connection.client().set(PREFIX + key, packed, px=max(1, int(ttl * 1000)))
         except redis_errors() as exc:
             self.connection.failed(exc)
             return

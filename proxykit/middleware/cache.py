@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxykit.body import add_defaults, ensure_payload, or_answer, requested_model, until_disconnect
-from proxykit.cache.base import CACHEABLE_PATHS, CacheBackend, CacheEntry, CachePolicy, cache_key
+from proxykit.cache.base import CACHEABLE_PATHS, CacheBackend, CacheEntry, CachePolicy, cache_key, pack_entry
 from proxykit.config import ModelConfig
 from proxykit.context import RequestContext, ensure_context
 from proxykit.headers import adding_headers, set_response_headers
@@ -26,6 +27,7 @@ from proxykit.usage.reader import without_usage_events
 logger = logging.getLogger(__name__)
 
 _DONE = b"data: [DONE]"
+_MISS = ((b"x-proxykit-cache", b"miss"),)
 
 
 class CacheMiddleware:
@@ -53,7 +55,7 @@ class CacheMiddleware:
         self._leaders: dict[str, asyncio.Future[CacheEntry | None] | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in CACHEABLE_PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST" or (path := route_path(scope)) not in CACHEABLE_PATHS:
             await self.app(scope, receive, send)
             return
         ctx = ensure_context(scope)
@@ -65,7 +67,7 @@ class CacheMiddleware:
             ctx.cache = "bypass"
             await self.app(scope, receive, adding_headers(send, [(b"x-proxykit-cache", b"bypass")]))
             return
-        key = cache_key(client=None if self.shared else ctx.client, path=route_path(scope), payload=payload)
+        key = cache_key(client=None if self.shared else ctx.client, path=path, payload=payload)
         streamed = payload.get("stream") is True
         if policy.look:
             entry = await self.backend.get(key)
@@ -102,64 +104,60 @@ class CacheMiddleware:
         leads = not streamed and key not in self._leaders
         if leads:
             self._leaders[key] = None
-        capture = _Capture(self.max_entry_bytes)
-
-        async def send_and_capture(message: Message) -> None:
-            capture.see(message)
-            if message["type"] == "http.response.start":
-                set_response_headers(message, [(b"x-proxykit-cache", b"miss")])
-            await send(message)
-
-        entry = None
+        capture = _Capture(self.max_entry_bytes, send)
+        packed = None
         try:
-            await self.app(scope, receive, send_and_capture)
+            await self.app(scope, receive, capture.send)
             if not ctx.disconnected:
-                entry = capture.entry(ctx, streamed)
-            if entry is not None:
-                await self.backend.set(key, entry, self.ttl)
+                packed = capture.packed(ctx, streamed)
+            if packed is not None:
+                await self.backend.set(key, packed, self.ttl)
         finally:
             if leads:
                 leader = self._leaders.pop(key)
                 if leader is not None and not leader.done():
-                    leader.set_result(entry)
+                    leader.set_result(None if packed is None else CacheEntry.unpack(packed))
 
 
 class _Capture:
-    """What one answer sent, bounded: whether it is worth storing is known only at its end."""
+    """Sends one answer on, marked a miss, and keeps what it sent, bounded: whether it is worth
+    storing is known only at its end."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, send: Send) -> None:
         self.limit = limit
+        self._send = send
         self.status = 0
         self.content_type = b""
         self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False
 
-    def see(self, message: Message) -> None:
+    async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            headers = dict(message.get("headers", ()))
-            self.content_type = headers.get(b"content-type", b"")
-            if headers.get(b"content-encoding", b"identity") != b"identity":
-                self.size = self.limit + 1  # compressed for this client's Accept-Encoding: not for every client
-            return
-        if self.status != 200 or self.size > self.limit:
-            return  # not stored: nothing more to keep
-        if chunk := message.get("body", b""):
-            self.chunks.append(chunk)
-            self.size += len(chunk)
-        if not message.get("more_body", False):
-            self.complete = True  # a cut stream never sends its last message
+            for name, value in message.get("headers", ()):
+                if name == b"content-type":
+                    self.content_type = value
+                elif name == b"content-encoding" and value != b"identity":
+                    self.size = self.limit + 1  # compressed for this client's Accept-Encoding: not for every client
+            set_response_headers(message, _MISS)
+        elif self.status == 200 and self.size <= self.limit:  # else not stored: nothing more to keep
+            if chunk := message.get("body", b""):
+                self.chunks.append(chunk)
+                self.size += len(chunk)
+            if not message.get("more_body", False):
+                self.complete = True  # a cut stream never sends its last message
+        await self._send(message)
 
-    def entry(self, ctx: RequestContext, streamed: bool) -> CacheEntry | None:
+    def packed(self, ctx: RequestContext, streamed: bool) -> bytes | None:
         if not self.complete or self.status != 200 or self.size > self.limit:
             return None
         chunks = self.chunks
         if streamed and ctx.stripped_usage_event is not None:
             chunks = _with_usage_event(chunks, ctx.stripped_usage_event + b"\n\n")
         tokens = ctx.usage_counts()
-        return CacheEntry(status=self.status, content_type=self.content_type, chunks=tuple(chunks), stream=streamed,
-                          prompt_tokens=tokens.prompt, completion_tokens=tokens.completion)
+        return pack_entry(self.status, self.content_type, chunks, streamed, tokens.prompt, tokens.completion,
+                          time.time())
 
 
 def _with_usage_event(chunks: list[bytes], event: bytes) -> list[bytes]:

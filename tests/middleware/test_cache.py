@@ -224,7 +224,7 @@ async def test_memory_entries_leave_least_recently_used_first_within_the_byte_bo
     entry = CacheEntry(status=200, content_type=b"application/json", chunks=(b"x" * 9_000,), stream=False,
                        prompt_tokens=1, completion_tokens=0)
     for i in range(30):
-        await cache.set(f"k{i}", entry, 60)
+        await cache.set(f"k{i}", entry.pack(), 60)
         await cache.get("k0")  # used all along: stays
     assert cache.bytes <= 100_000
     assert await cache.get("k0") is not None
@@ -232,7 +232,7 @@ async def test_memory_entries_leave_least_recently_used_first_within_the_byte_bo
     assert await cache.get("k29") is not None
     big = CacheEntry(status=200, content_type=b"", chunks=(b"x" * 20_000,), stream=False, prompt_tokens=0,
                      completion_tokens=0)
-    await cache.set("big", big, 60)  # over a tenth of the bound: not stored
+    await cache.set("big", big.pack(), 60)  # over a tenth of the bound: not stored
     assert await cache.get("big") is None
 
 
