@@ -11,12 +11,9 @@ the least and the median of the rounds, in µs a request. Pin it to one core (`t
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import functools
 import itertools
 import json
-import statistics
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +24,7 @@ from proxykit.config.reader import config_from_dict
 from proxykit.context import ensure_context
 from proxykit.middleware.cache import CacheMiddleware
 from proxykit.routing import resolve_model
+from tests.benchmarks.in_process import from_command_line, report
 
 MAX_BODY = 20_000_000
 CONFIG = config_from_dict({"models": [{"name": "bench", "deployments": [{"base_url": "http://upstream/v1",
@@ -80,13 +78,8 @@ async def main(requests: int, rounds: int) -> None:
         with_layer = await per_request(cache, new_bodies())
         alone = await per_request(parsed_and_answered, new_bodies())
         costs.append((with_layer - alone) * 1e6)
-    print(f"a cache miss: {min(costs):.2f} µs a request at least, {statistics.median(costs):.2f} the median "
-          f"({rounds} rounds of {requests:,} requests)")
+    report("a cache miss", costs, requests)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args()
-    asyncio.run(main(args.requests, args.rounds))
+    from_command_line(__doc__, main, requests=20_000, rounds=15)

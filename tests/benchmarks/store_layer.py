@@ -11,9 +11,6 @@ the least and the median of the rounds, in µs a request. Pin it to one core (`t
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import statistics
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +21,7 @@ from proxykit.settle import settle
 from proxykit.store.budgets import SpendBook
 from proxykit.store.ledger import Ledger
 from proxykit.store.sql import SqlStore
+from tests.benchmarks.in_process import from_command_line, report
 
 SCOPE: Scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
 
@@ -59,13 +57,8 @@ async def main(requests: int, rounds: int) -> None:
         with_layer = await per_request(LedgerMiddleware(answered, ledger=ledger), requests)
         alone = await per_request(answered, requests)
         costs.append((with_layer - alone) * 1e6)
-    print(f"the store's layer: {min(costs):.2f} µs a request at least, {statistics.median(costs):.2f} the median "
-          f"({rounds} rounds of {requests:,} requests)")
+    report("the store's layer", costs, requests)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
-    asyncio.run(main(args.requests, args.rounds))
+    from_command_line(__doc__, main, requests=100_000, rounds=7)
