@@ -5,8 +5,9 @@
 `LedgerMiddleware` around an app that answers at once, against that app alone, on one event loop:
 the difference is the layer's own work (its frame, the row, handing it to the ledger's buffer).
 The app settles the request's tokens and cost itself, as the metrics layer does in the proxy, so
-the row reuses them there too. Nothing is written: the buffer is emptied between rounds. Prints
-the least and the median of the rounds, in µs a request. Pin it to one core (`taskset -c 0`).
+the row reuses them there too. Nothing is written: each round has a new ledger that is never
+started, so its rows are only buffered. Prints the least and the median of the rounds, in µs a
+request. Pin it to one core (`taskset -c 0`).
 """
 
 from __future__ import annotations
